@@ -1,0 +1,124 @@
+"""The ``generate`` handler: a batch of prompts, shared references, optional upscale, one upload each.
+
+Reads top to bottom like a diffusers ``__call__``: 1. seeds, 2. references, 3. inference,
+4. per-image upscale/encode/upload, 5. output. Transient failures raise (the whole job is
+retried, seeds make it reproduce the same images); a permanent failure of one image's upload
+is reported on that item and the others still succeed (``partial``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from PIL import Image
+
+from handlers.dispatch import Engines, is_oom, oom_error
+from handlers.errors import InvalidInput, JobError
+from handlers.imaging import encode_image
+from handlers.ports import Transfer
+from handlers.schemas import GeneratedImage, GenerateInput, GenerateOutput
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1 - 64  # seed + i must stay a valid 64-bit generator seed
+
+
+def _ms(start: float) -> int:
+    return int((time.perf_counter() - start) * 1000)
+
+
+def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> GenerateOutput:
+    started = time.perf_counter()
+    if engines.klein is None:
+        raise JobError("this worker has no generation model loaded", code="internal", retryable=True)
+
+    # 1. Seeds: random when absent, always reported; image i uses seed + i.
+    base_seed = inp.seed if inp.seed is not None else secrets.randbelow(2**32)
+    seeds = [base_seed + i for i in range(len(inp.prompts))]
+
+    # 2. Reference images, shared by every prompt of the batch.
+    references = [
+        transfer.download_image(ref.url, field=f"images[{i}].url") for i, ref in enumerate(inp.images)
+    ]
+
+    # 3. Inference: one batched call.
+    t0 = time.perf_counter()
+    try:
+        images = engines.klein.generate(
+            prompts=list(inp.prompts),
+            seeds=seeds,
+            references=references,
+            width=inp.width,
+            height=inp.height,
+            num_steps=inp.num_steps,
+            guidance_scale=inp.guidance_scale,
+        )
+    except Exception as exc:
+        if is_oom(exc):
+            raise oom_error(
+                engines,
+                f"generating {len(inp.prompts)} image(s) of {inp.width}x{inp.height} "
+                f"with {len(references)} reference(s)",
+            ) from exc
+        raise
+    inference_ms = _ms(t0) // max(1, len(images))  # each image's share of the batched call
+
+    # 4. Per image: upscale, encode, upload.
+    results = [
+        _finish_one(i, image, seeds[i], inference_ms, inp, engines=engines, transfer=transfer)
+        for i, image in enumerate(images)
+    ]
+
+    # 5. Output; a batch where nothing landed is a failed job, not a partial one.
+    if not any(r.success for r in results):
+        first = results[0].error or {"code": "internal", "message": "no image produced"}
+        raise JobError(first["message"], code=first["code"], retryable=False)  # type: ignore[arg-type]
+    return GenerateOutput(results=results, timing_total_ms=_ms(started))
+
+
+def _finish_one(
+    index: int,
+    image: Image.Image,
+    seed: int,
+    inference_ms: int,
+    inp: GenerateInput,
+    *,
+    engines: Engines,
+    transfer: Transfer,
+) -> GeneratedImage:
+    upscale_ms = None
+    if inp.upscale:
+        if engines.upscaler is None:
+            raise InvalidInput("input.upscale: this worker has no upscaler configured")
+        t0 = time.perf_counter()
+        try:
+            engines.upscaler.ensure_loaded(inp.upscale)
+            image = engines.upscaler.upscale(image, inp.upscale)
+        except Exception as exc:
+            if is_oom(exc):
+                raise oom_error(engines, f"upscaling {image.width}x{image.height} x{inp.upscale}") from exc
+            raise
+        upscale_ms = _ms(t0)
+
+    data, content_type = encode_image(image, inp.output_format, inp.quality)
+    t0 = time.perf_counter()
+    try:
+        url = transfer.upload(inp.upload_urls[index], data, content_type, field=f"upload_urls[{index}]")
+    except JobError as exc:
+        if exc.retryable:
+            raise  # transient: retry the whole job rather than report a half-finished batch
+        log.warning("image %d of the batch not stored: %s", index, exc.message)
+        return GeneratedImage(index=index, success=False, seed=seed, error=exc.to_dict())
+    return GeneratedImage(
+        index=index,
+        success=True,
+        output_url=url,
+        width=image.width,
+        height=image.height,
+        seed=seed,
+        timing_inference_ms=inference_ms,
+        timing_upscale_ms=upscale_ms,
+        timing_upload_ms=_ms(t0),
+    )

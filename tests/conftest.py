@@ -1,0 +1,114 @@
+"""Shared fixtures: a real moto SQS + S3 server for the session, tiny engines built once."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from PIL import Image
+
+# Tests talk to loopback moto only; never pick up a developer's real AWS profile.
+os.environ.update(
+    {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+)
+os.environ.pop("AWS_PROFILE", None)
+
+from tests.scripted_http import ScriptedServer
+from worker.local import LocalStack, start_local_stack
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def moto_stack() -> Iterator[LocalStack]:
+    stack = start_local_stack(bucket="test-bucket")
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def stack(moto_stack: LocalStack) -> LocalStack:
+    """Fresh queues (with DLQ and result queue) for each test, on the session's server."""
+    return moto_stack.fresh(f"t{next(_names)}-{os.getpid()}")
+
+
+@pytest.fixture(scope="session")
+def engines() -> Any:
+    from worker.boot import Variant, build_engines
+    from worker.config import Settings
+
+    settings = Settings(model="tiny", device="cpu", preload_models=False)
+    return build_engines(settings, Variant("tiny", "none", "cpu", "tests"))
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedServer]:
+    server = ScriptedServer()
+    yield server
+    server.close()
+
+
+def worker_settings(stack: LocalStack, **overrides: Any) -> Any:
+    from worker.config import Settings
+
+    values: dict[str, Any] = {
+        "queue_url": stack.queue_url,
+        "result_queue_url": stack.result_queue_url,
+        "aws_endpoint_url": stack.endpoint,
+        "allow_private_urls": True,
+        "model": "tiny",
+        "device": "cpu",
+        "wait_time_seconds": 0,
+        "retry_backoff_seconds": 0,
+        "worker_id": "test-worker",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def run_worker(stack: LocalStack, engines: Any, **overrides: Any) -> int:
+    """Run the real worker in burst mode until the queue is empty; returns jobs finished."""
+    from worker.app import build_runner
+
+    runner = build_runner(worker_settings(stack, **overrides), engines=engines)
+    return runner.run(burst=True)
+
+
+def send(stack: LocalStack, job: dict[str, Any] | str) -> str:
+    body = job if isinstance(job, str) else json.dumps(job)
+    return stack.client("sqs").send_message(QueueUrl=stack.queue_url, MessageBody=body)["MessageId"]
+
+
+def results(stack: LocalStack, expected: int | None = None, wait: int = 1) -> list[dict[str, Any]]:
+    sqs = stack.client("sqs")
+    found: list[dict[str, Any]] = []
+    for _ in range(20):
+        reply = sqs.receive_message(
+            QueueUrl=stack.result_queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait
+        )
+        messages = reply.get("Messages", [])
+        for message in messages:
+            found.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
+        if (expected is not None and len(found) >= expected) or (expected is None and not messages):
+            break
+    return found
+
+
+def queue_counts(stack: LocalStack, queue_url: str | None = None) -> tuple[int, int]:
+    attrs = stack.client("sqs").get_queue_attributes(
+        QueueUrl=queue_url or stack.queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def s3_image(stack: LocalStack, key: str) -> tuple[Image.Image, str, bytes]:
+    obj = stack.client("s3").get_object(Bucket=stack.bucket, Key=key)
+    data = obj["Body"].read()
+    return Image.open(io.BytesIO(data)), obj["ContentType"], data

@@ -1,0 +1,91 @@
+"""A loopback HTTP server whose paths script their own behaviour, for transfer failure tests.
+
+Paths (any suffix after the script is free, e.g. a file name):
+  /img/<name>.png              200 with a PNG (GET) from ``images``
+  /flaky/<n>/<name>            500 for the first n requests, then the image
+  /slow/<seconds>/<name>       sleeps, then the image (a job that is "mid-flight")
+  /status/<code>/<name>        always that status (PUT or GET)
+  /hook                        records POSTed bodies and headers (webhooks)
+Every request is recorded in ``requests`` as (method, path, headers, body).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+
+def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ScriptedServer:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.bodies: dict[str, bytes] = {}  # path -> explicit GET body
+        self.content_types: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self.hit = threading.Event()  # set on every request (tests wait on it)
+        self.delay_override: float | None = None  # makes /slow/ paths answer at once when set
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+            def _record(self) -> int:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with server._lock:
+                    server.requests.append((self.command, self.path, dict(self.headers), body))
+                    key = self.path.split("?")[0]
+                    server._counts[key] = server._counts.get(key, 0) + 1
+                    count = server._counts[key]
+                server.hit.set()
+                return count
+
+            def _send(self, code: int, body: bytes = b"", content_type: str = "image/png") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _serve(self) -> None:
+                count = self._record()
+                path = self.path.split("?")[0]
+                parts = path.strip("/").split("/")
+                if parts[0] == "status":
+                    return self._send(int(parts[1]), b"scripted failure", "text/plain")
+                if parts[0] == "flaky" and count <= int(parts[1]):
+                    return self._send(500, b"try again", "text/plain")
+                if parts[0] == "slow":
+                    delay = server.delay_override
+                    time.sleep(float(parts[1]) if delay is None else delay)
+                if self.command in ("PUT", "POST"):
+                    return self._send(200, b"")
+                body = server.bodies.get(path, png_bytes())
+                self._send(200, body, server.content_types.get(path, "image/png"))
+
+            do_GET = do_PUT = do_POST = _serve
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self._counts.get(path, 0)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,41 @@
+"""`python -m worker demo`: the newcomer's one command works from an empty directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_runs_the_samples_and_saves_images(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "QUEUE_", "MODEL"))}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "outputs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = {p.name: Image.open(p) for p in (tmp_path / "outputs").iterdir()}
+    assert set(saved) == {
+        "story-1.png",
+        "story-2.png",
+        "batch-0.webp",
+        "batch-1.webp",
+        "batch-2.webp",
+        "photo-x4.png",
+    }
+    assert saved["story-1.png"].size == (256, 256) and saved["story-1.png"].format == "PNG"
+    assert saved["batch-0.webp"].size == (256, 320) and saved["batch-0.webp"].format == "WEBP"
+    assert saved["photo-x4.png"].size == (512, 384)
+    assert "demo-invalid" in proc.stdout and "invalid_input" in proc.stdout
+    assert "X-Amz-Signature" not in proc.stdout + proc.stderr

@@ -1,0 +1,119 @@
+"""The worker as a real process: SIGKILL and SIGTERM mid-job lose nothing; logs carry no secrets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import queue_counts, results, run_worker, s3_image, send
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spawn(stack, **env):
+    full = {
+        **os.environ,
+        **stack.env(),
+        "MODEL": "tiny",
+        "DEVICE": "cpu",
+        "WAIT_TIME_SECONDS": "1",
+        "LOG_FORMAT": "json",
+        "WORKER_ID": "proc-worker",
+        "PYTHONUNBUFFERED": "1",
+        **{k: str(v) for k, v in env.items()},
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=ROOT,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _slow_job(stack, scripted, job_id, seconds):
+    return {
+        "id": job_id,
+        "type": "upscale",
+        "input": {
+            "image_url": f"{scripted.url}/slow/{seconds}/in.png",
+            "upload_url": stack.presign_put(f"{job_id}.png", "image/png"),
+            "scale": 2,
+        },
+    }
+
+
+def _wait_for_request(scripted, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if scripted.hit.wait(0.2):
+            return
+        if proc.poll() is not None:
+            pytest.fail("worker exited early:\n" + proc.stderr.read())
+    proc.kill()
+    pytest.fail("worker never started the job")
+
+
+def test_sigkill_mid_job_the_message_comes_back_and_finishes(stack, engines, scripted):
+    send(stack, _slow_job(stack, scripted, "killed", 30))
+    proc = _spawn(stack, VISIBILITY_TIMEOUT=5)
+    _wait_for_request(scripted, proc)
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    assert results(stack, wait=0) == []  # nothing was reported by the dead worker
+    time.sleep(5.5)  # the visibility timeout lapses: the job is visible again
+    assert queue_counts(stack)[0] == 1
+    scripted.delay_override = 0  # the input server answers at once now
+    run_worker(stack, engines, visibility_timeout=30)
+    (result,) = results(stack, expected=1)
+    assert result["id"] == "killed"
+    assert result["status"] == "succeeded" and result["attempt"] == 2
+    assert s3_image(stack, "killed.png")[0].size == (128, 128)
+    assert queue_counts(stack) == (0, 0)
+
+
+def test_sigterm_mid_job_finishes_the_job_and_exits_zero(stack, scripted):
+    send(stack, _slow_job(stack, scripted, "drained", 3))
+    proc = _spawn(stack, SHUTDOWN_GRACE_SECONDS=25)
+    _wait_for_request(scripted, proc)
+
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 0, stderr
+    (result,) = results(stack, expected=1)
+    assert result["id"] == "drained" and result["status"] == "succeeded"
+    assert s3_image(stack, "drained.png")[0].size == (128, 128)
+    assert queue_counts(stack) == (0, 0)
+    assert "X-Amz-Signature=" not in stderr and "X-Amz-Credential=" not in stderr
+
+
+def test_sigterm_past_grace_releases_the_job_at_once_and_exits_zero(stack, engines, scripted):
+    send(stack, _slow_job(stack, scripted, "released", 20))
+    proc = _spawn(stack, SHUTDOWN_GRACE_SECONDS=1, VISIBILITY_TIMEOUT=300)
+    _wait_for_request(scripted, proc)
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 0, stderr
+    assert time.monotonic() - started < 15
+    assert results(stack, wait=0) == []
+    # Visible again at once, not after the 300 s visibility timeout.
+    assert queue_counts(stack)[0] == 1
+    assert "X-Amz-Signature=" not in stderr
+    # Point the slow path at an instant reply and let a fresh worker finish the job.
+    scripted.delay_override = 0
+    run_worker(stack, engines)
+    (result,) = results(stack, expected=1)
+    assert result["id"] == "released" and result["status"] == "succeeded" and result["attempt"] == 2

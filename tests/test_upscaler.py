@@ -1,0 +1,145 @@
+"""The Real-ESRGAN upscaler through spandrel: tiny random weights, checkpoint files, tiling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from handlers.engines.upscaler import (
+    REALESRGAN_X2PLUS_URL,
+    REALESRGAN_X4PLUS_URL,
+    Upscaler,
+    _spans,
+    create_upscaler,
+    tiny_state_dict,
+)
+
+
+def _noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Upscaler:
+    return create_upscaler(model="tiny", weights_x2=None, weights_x4=None)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (70, 45)])
+def test_tiny_upscale_is_exactly_scale_times_the_size(
+    tiny: Upscaler, scale: int, width: int, height: int
+) -> None:
+    # 70x45 is not a multiple of 4: the x2 model's pixel-unshuffle input needs padding and cropping.
+    result = tiny.upscale(_noise_image(width, height), scale)
+    assert result.size == (width * scale, height * scale)
+    assert result.mode == "RGB"
+    assert _pixels(result).std() > 5
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_any_pillow_mode_comes_out_rgb(tiny: Upscaler, mode: str) -> None:
+    result = tiny.upscale(_noise_image(32, 32, mode=mode), 2)
+    assert result.mode == "RGB"
+    assert result.size == (64, 64)
+
+
+def test_load_is_timed_once_and_release_unloads() -> None:
+    upscaler = create_upscaler(model="tiny", weights_x2=None, weights_x4=None, device="cpu")
+    assert upscaler.loaded_scales == []
+    assert upscaler.ensure_loaded(4) > 0.0
+    assert upscaler.ensure_loaded(4) == 0.0
+    assert upscaler.loaded_scales == [4]
+    upscaler.upscale(_noise_image(16, 16), 2)  # loads x2 on demand
+    assert upscaler.loaded_scales == [2, 4]
+    upscaler.release()
+    assert upscaler.loaded_scales == []
+    assert upscaler.ensure_loaded(2) > 0.0
+
+
+def test_unknown_scale_is_an_error(tiny: Upscaler) -> None:
+    with pytest.raises(ValueError, match="x3"):
+        tiny.ensure_loaded(3)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_tiled_matches_untiled(scale: int) -> None:
+    image = _noise_image(100, 76, seed=scale)
+    whole = create_upscaler(model="tiny", weights_x2=None, weights_x4=None, tile_size=0).upscale(image, scale)
+    tiled = create_upscaler(
+        model="tiny", weights_x2=None, weights_x4=None, tile_size=40, tile_overlap=12
+    ).upscale(image, scale)
+    diff = np.abs(_pixels(whole) - _pixels(tiled))
+    assert tiled.size == whole.size
+    # Tiles see less context at their inner borders; the blended seams stay within a few levels.
+    assert diff.max() <= 8
+    assert diff.mean() < 0.5
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap", "align"), [(100, 48, 16, 4), (257, 64, 16, 1), (33, 32, 8, 4), (1024, 512, 32, 4)]
+)
+def test_tile_spans_cover_the_axis_with_overlap(length: int, tile: int, overlap: int, align: int) -> None:
+    spans = _spans(length, tile, overlap, align)
+    assert spans[0][0] == 0
+    assert spans[-1][1] == length
+    assert all(start % align == 0 for start, _ in spans)
+    for (_, prev_end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert prev_end - start >= 2 * overlap  # the cross-fade band
+    assert all(end - start <= tile + 2 * (overlap + align) for start, end in spans)
+
+
+def test_checkpoint_files_load_through_spandrel(tmp_path: Path, tiny: Upscaler) -> None:
+    x2 = tmp_path / "tiny_x2.safetensors"
+    x4 = tmp_path / "tiny_x4.pth"
+    save_file(tiny_state_dict(2), str(x2))
+    torch.save(tiny_state_dict(4), x4)
+    real = create_upscaler(model="real", weights_x2=str(x2), weights_x4=str(x4), device="cpu")
+    image = _noise_image(40, 36)
+    for scale in (2, 4):
+        assert real.ensure_loaded(scale) > 0.0
+        result = real.upscale(image, scale)
+        assert result.size == (40 * scale, 36 * scale)
+        # Same weights as the tiny model, so the same pixels: the file path is the only difference.
+        assert np.array_equal(_pixels(result), _pixels(tiny.upscale(image, scale)))
+
+
+def test_checkpoint_of_the_wrong_scale_is_refused(tmp_path: Path) -> None:
+    x4 = tmp_path / "x4.pth"
+    torch.save(tiny_state_dict(4), x4)
+    upscaler = create_upscaler(model="real", weights_x2=str(x4), weights_x4=None, device="cpu")
+    with pytest.raises(ValueError, match="x2 hold a x4"):
+        upscaler.ensure_loaded(2)
+    with pytest.raises(ValueError, match="no upscaler weights for x4"):
+        upscaler.ensure_loaded(4)
+
+
+def test_missing_weights_file_fails_at_creation(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        create_upscaler(model="real", weights_x2=None, weights_x4=str(tmp_path / "missing.pth"))
+
+
+def test_weight_urls_are_deferred_to_the_upscale_that_needs_them() -> None:
+    upscaler = create_upscaler(
+        model="real", weights_x2=REALESRGAN_X2PLUS_URL, weights_x4=REALESRGAN_X4PLUS_URL, device="cpu"
+    )
+    with pytest.raises(NotImplementedError, match="URLs"):
+        upscaler.ensure_loaded(4)
+
+
+def test_official_weight_urls() -> None:
+    assert REALESRGAN_X2PLUS_URL.endswith("/v0.2.1/RealESRGAN_x2plus.pth")
+    assert REALESRGAN_X4PLUS_URL.endswith("/v0.1.0/RealESRGAN_x4plus.pth")
+    assert all(
+        url.startswith("https://github.com/xinntao/Real-ESRGAN/releases/download/")
+        for url in (REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL)
+    )

@@ -1,0 +1,1 @@
+"""klein-worker runtime: configuration, boot, the queue consumer, transfers, results."""

@@ -1,0 +1,135 @@
+"""`python -m worker [run|demo|enqueue]`: composition only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from worker.config import Settings
+from worker.logs import configure_logging
+
+app = typer.Typer(add_completion=False, help="FLUX.2-klein queue worker.", no_args_is_help=False)
+console = Console()
+
+
+@app.callback(invoke_without_command=True)
+def _default(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        run()
+
+
+@app.command()
+def run(burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False) -> None:
+    """Boot (GPU probe, model choice, preload) and poll the queue until SIGTERM."""
+    from worker.app import boot_engines, build_runner, install_signal_handlers
+
+    settings = Settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    settings.require_queue()
+    engines = boot_engines(settings)
+    runner = build_runner(settings, engines=engines)
+    install_signal_handlers(runner)
+    runner.run(burst=burst)
+    logging.getLogger(__name__).info("worker stopped after %d job(s)", runner.processed)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the images are saved.")] = Path("outputs"),
+) -> None:
+    """Run the whole loop locally: embedded SQS + S3, sample jobs, the tiny model on CPU."""
+    from worker.app import boot_engines, build_runner
+    from worker.demo import run_demo
+    from worker.local import start_local_stack
+
+    # The demo's own defaults; any explicit environment still wins (e.g. MODEL on a GPU box).
+    os.environ.setdefault("MODEL", "tiny")
+    os.environ.setdefault("LOG_FORMAT", "text")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    stack = start_local_stack()
+    try:
+        for key, value in stack.env().items():
+            os.environ[key] = value
+        settings = Settings(wait_time_seconds=1)
+        configure_logging(level=settings.log_level, fmt=settings.log_format)
+        with console.status(f"loading {settings.model} model..."):
+            engines = boot_engines(settings)
+
+        def run_worker(n_jobs: int) -> int:
+            with _progress() as progress:
+                task = progress.add_task("jobs", total=n_jobs)
+
+                def on_event(status: str, fields: dict[str, Any]) -> None:
+                    progress.console.log(f"{fields.get('id')}: {status}")
+                    if status != "retry":
+                        progress.advance(task)
+
+                return build_runner(settings, engines=engines, on_event=on_event).run(burst=True)
+
+        results, saved = run_demo(stack=stack, run_worker=run_worker, out_dir=out)
+    finally:
+        stack.stop()
+    _print_results(results, saved)
+    if len(results) < 4:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def enqueue(
+    file: Annotated[Path, typer.Argument(help="Job JSON (one object or a list).")],
+    presign: Annotated[bool, typer.Option(help="Turn s3://bucket/key URLs into presigned URLs.")] = False,
+    expires: Annotated[int, typer.Option(help="Presigned URL lifetime, seconds.")] = 3600,
+) -> None:
+    """Push job(s) onto QUEUE_URL."""
+    from worker.enqueue import enqueue_jobs
+
+    settings = Settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    data = json.loads(file.read_text())
+    jobs = data if isinstance(data, list) else [data]
+    for job_id, message_id in enqueue_jobs(settings, jobs, presign=presign, expires=expires):
+        console.print(f"enqueued {job_id} as message {message_id}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _print_results(results: list[dict[str, Any]], saved: list[Path]) -> None:
+    table = Table(title="results")
+    for column in ("id", "status", "model", "detail"):
+        table.add_column(column)
+    for result in results:
+        output = result.get("output") or {}
+        if result.get("error"):
+            detail = f"{result['error']['code']}: {result['error']['message']}"
+        elif "results" in output:
+            detail = ", ".join(f"{r['width']}x{r['height']}" for r in output["results"] if r["success"])
+        else:
+            detail = f"{output.get('output_width')}x{output.get('output_height')}"
+        table.add_row(result["id"], result["status"], result["model"], detail)
+    console.print(table)
+    console.print_json(json.dumps(results))
+    console.print(f"{len(saved)} image(s) saved: " + ", ".join(str(p) for p in saved))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Boot: probe the GPU, choose the model variant, build the engines, warm up.
+
+``choose_variant`` is a pure function of (settings, GPUs, profile) so every branch is
+testable with fake NVML readings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from handlers.dispatch import Engines
+from worker.config import Settings
+from worker.gpu import GIB, GpuInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    model: str  # tiny | klein-4b | klein-9b
+    quantization: str  # none | fp8 | int8 | nunchaku-int4 | nunchaku-fp4
+    device: str  # cpu | cuda
+    reason: str
+
+    @property
+    def label(self) -> str:
+        if self.model == "tiny":
+            return "flux2-klein-tiny"
+        return f"flux2-{self.model}-{'bf16' if self.quantization == 'none' else self.quantization}"
+
+
+# Memory a variant needs to serve 1024x1024 with a few references, with headroom (GiB).
+# From the seed benchmark (RTX 5090): 4B BF16 peaks at 17.3 GB, 9B FP8 at 26.3 GB;
+# 4B FP8 halves the transformer and text encoder weights (~9 GB at rest).
+NEEDS_GIB: dict[tuple[str, str], float] = {
+    ("klein-9b", "fp8"): 30.0,
+    ("klein-4b", "none"): 21.0,
+    ("klein-4b", "fp8"): 12.0,
+}
+
+
+class BootError(RuntimeError):
+    """The worker cannot serve on this machine; the message says why and what would."""
+
+
+def choose_variant(settings: Settings, gpus: list[GpuInfo]) -> Variant:
+    gpu = gpus[0] if gpus else None
+    device = settings.device or ("cuda" if gpu else "cpu")
+    if settings.model == "tiny":
+        return Variant("tiny", "none", device, "MODEL=tiny")
+    if gpu is None and device != "cpu":
+        raise BootError(
+            f"MODEL={settings.model} needs an NVIDIA GPU and none was found; use MODEL=tiny on CPU"
+        )
+    if settings.model != "auto":
+        quant = settings.quantization
+        if quant == "auto":
+            quant = "fp8" if settings.model == "klein-9b" else "none"
+        return Variant(settings.model, quant, device, f"MODEL={settings.model}")
+    if gpu is None:
+        raise BootError(
+            "MODEL=auto found no NVIDIA GPU; set MODEL=tiny to run the random-weight model on CPU"
+        )
+    return _auto(settings, gpu, device)
+
+
+def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
+    allow_9b = settings.allow_non_commercial
+    free = gpu.free_bytes / GIB
+    for (model, quant), need in NEEDS_GIB.items():
+        if model == "klein-9b" and not allow_9b:
+            continue
+        if settings.quantization not in ("auto", quant):
+            continue
+        if free >= need:
+            if quant == "fp8" and not gpu.has_fp8:
+                log.info("%s has no FP8 tensor cores: fp8 runs weight-only there (smaller, slower)", gpu.name)
+            reason = f"{gpu.name}: {free:.1f} GiB free >= {need:.0f} GiB needed by {model} {quant}"
+            return Variant(model, quant, device, reason)
+    smallest = min(NEEDS_GIB.values())
+    raise BootError(
+        f"{gpu.name} has {free:.1f} GiB free of {gpu.total_gib:.1f} GiB; the smallest klein variant "
+        f"(klein-4b fp8) needs {smallest:.0f} GiB. Use a card with more memory or free it."
+    )
+
+
+def build_engines(settings: Settings, variant: Variant) -> Engines:
+    """Create the engines (loading weights when PRELOAD_MODELS) and run one warm-up generation."""
+    from handlers.engines.klein import create_klein_engine
+    from handlers.engines.upscaler import create_upscaler
+
+    started = time.perf_counter()
+    klein = create_klein_engine(
+        model=variant.model,
+        model_path=settings.model_path,
+        quantization=variant.quantization,
+        device=variant.device,
+        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+        cache_dir=settings.hf_home,
+    )
+    upscaler = create_upscaler(
+        model="tiny" if variant.model == "tiny" else "real",
+        weights_x2=settings.upscaler_weights_x2,
+        weights_x4=settings.upscaler_weights_x4,
+        device=variant.device,
+    )
+    if settings.preload_models:
+        klein.warm_up()
+    load_s = time.perf_counter() - started
+    log.info(
+        "ready: %s on %s in %.1f s (%s)",
+        variant.label,
+        variant.device,
+        load_s,
+        variant.reason,
+        extra={"job": {"event": "ready", "model": variant.label, "load_s": round(load_s, 2)}},
+    )
+    return Engines(klein=klein, upscaler=upscaler)

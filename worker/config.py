@@ -1,0 +1,79 @@
+"""Settings, parsed once from the environment (SPEC section 3). The only reader of the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelName = Literal["auto", "klein-4b", "klein-9b", "tiny"]
+Quantization = Literal["auto", "none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]
+
+MIB = 1024 * 1024
+
+
+def _default_worker_id() -> str:
+    # Vast sets CONTAINER_ID; elsewhere the hostname is the most useful identity.
+    container = os.environ.get("CONTAINER_ID")
+    return f"vast-{container}" if container else socket.gethostname()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    queue_url: str | None = None
+    result_queue_url: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region: str = Field(
+        default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+
+    model: ModelName = "auto"
+    quantization: Quantization = "auto"
+    model_path: str | None = None
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_TOKEN")
+    )
+    hf_home: str | None = None
+    allow_non_commercial: bool = False
+    benchmark_profile: str | None = None
+    preload_models: bool = True
+    device: str | None = None  # "cpu"/"cuda"; None = cuda when available
+    cuda_visible_devices: str | None = None
+
+    max_batch: int = Field(default=8, ge=1, le=64)
+    max_references: int | None = Field(default=None, ge=0, le=64)  # None: from the profile, else built-in
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    visibility_timeout: int = Field(default=120, ge=5, le=43200)
+    shutdown_grace_seconds: float = Field(default=25.0, ge=0)
+    idle_shutdown_seconds: float = Field(default=0.0, ge=0)
+    container_id: str | None = None
+    container_api_key: SecretStr | None = None
+    wait_time_seconds: int = Field(default=20, ge=0, le=20)
+    retry_backoff_seconds: int = Field(default=10, ge=0, le=900)  # first retry delay; doubles per attempt
+
+    allow_private_urls: bool = False
+    max_download_bytes: int = Field(default=32 * MIB, ge=1)
+    max_download_pixels: int = Field(default=40_000_000, ge=1)
+    webhook_secret: SecretStr | None = None
+
+    upscaler_weights_x2: str | None = None
+    upscaler_weights_x4: str | None = None
+
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    worker_id: str = Field(default_factory=_default_worker_id)
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
+
+    def require_queue(self) -> str:
+        if not self.queue_url:
+            raise SystemExit("QUEUE_URL is required (or run `python -m worker demo`)")
+        return self.queue_url

@@ -1,0 +1,131 @@
+"""`python -m worker demo`: the whole loop on one machine, no GPU, no cloud.
+
+Starts moto's SQS + S3 on loopback, puts sample inputs in a bucket, enqueues sample jobs
+(a batch with references, a plain batch, an upscale, one invalid job), runs the real worker
+on them in burst mode with a progress display, then saves every image under ./outputs/ and
+prints the results.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from worker.local import LocalStack
+
+log = logging.getLogger(__name__)
+
+DEMO_SIZE = 256  # the contract's smallest side: quick on CPU with MODEL=tiny
+
+
+def sample_image(width: int, height: int, hue: int) -> Image.Image:
+    """A gradient with shapes: something visibly an image, made without any download."""
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    for y in range(height):
+        draw.line([(0, y), (width, y)], fill=((hue + y) % 256, (2 * y) % 256, (255 - y) % 256))
+    draw.ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], outline=(255, 255, 255), width=4)
+    return image
+
+
+def put_png(stack: LocalStack, key: str, image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=buf.getvalue(), ContentType="image/png")
+    return stack.presign_get(key)
+
+
+def sample_jobs(stack: LocalStack, size: int = DEMO_SIZE) -> list[dict[str, Any]]:
+    reference = put_png(stack, "inputs/reference.png", sample_image(size, size, 40))
+    photo = put_png(stack, "inputs/photo.png", sample_image(128, 96, 160))
+    return [
+        {
+            "id": "demo-story-with-reference",
+            "type": "generate",
+            "input": {
+                "prompts": ["Scene 1: a hero enters a dark castle", "Scene 2: the treasure room"],
+                "upload_urls": [stack.presign_put(f"outputs/story-{i}.png", "image/png") for i in (1, 2)],
+                "images": [{"url": reference}],
+                "width": size,
+                "height": size,
+                "seed": 42,
+            },
+        },
+        {
+            "id": "demo-batch-webp",
+            "type": "generate",
+            "input": {
+                "prompts": ["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen"],
+                "upload_urls": [stack.presign_put(f"outputs/batch-{i}.webp", "image/webp") for i in range(3)],
+                "width": size,
+                "height": size + 64,
+                "output_format": "webp",
+                "quality": 85,
+                "seed": 7,
+            },
+        },
+        {
+            "id": "demo-upscale-x4",
+            "type": "upscale",
+            "input": {
+                "image_url": photo,
+                "upload_url": stack.presign_put("outputs/photo-x4.png", "image/png"),
+                "scale": 4,
+            },
+        },
+        {
+            "id": "demo-invalid",
+            "type": "generate",
+            "input": {"prompts": ["too small"], "upload_urls": ["https://example.com/x.png"], "width": 100},
+        },
+    ]
+
+
+def enqueue(stack: LocalStack, jobs: list[dict[str, Any]]) -> None:
+    sqs = stack.client("sqs")
+    for job in jobs:
+        sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
+
+
+def collect_results(stack: LocalStack, expected: int) -> list[dict[str, Any]]:
+    sqs = stack.client("sqs")
+    results: list[dict[str, Any]] = []
+    for _ in range(expected + 5):
+        reply = sqs.receive_message(
+            QueueUrl=stack.result_queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+        )
+        for message in reply.get("Messages", []):
+            results.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
+        if len(results) >= expected:
+            break
+    return results
+
+
+def save_outputs(stack: LocalStack, out_dir: Path) -> list[Path]:
+    s3 = stack.client("s3")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    listing = s3.list_objects_v2(Bucket=stack.bucket, Prefix="outputs/")
+    for item in listing.get("Contents", []):
+        path = out_dir / Path(item["Key"]).name
+        path.write_bytes(s3.get_object(Bucket=stack.bucket, Key=item["Key"])["Body"].read())
+        saved.append(path)
+    return saved
+
+
+def run_demo(
+    *, stack: LocalStack, run_worker: Callable[[int], int], out_dir: Path, size: int = DEMO_SIZE
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Enqueue the samples, let ``run_worker(n_jobs)`` drain the queue, gather results and images."""
+    jobs = sample_jobs(stack, size)
+    enqueue(stack, jobs)
+    run_worker(len(jobs))
+    results = collect_results(stack, len(jobs))
+    return results, save_outputs(stack, out_dir)

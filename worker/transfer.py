@@ -1,0 +1,264 @@
+"""Guarded downloads, presigned uploads and webhook POSTs, with in-process retries.
+
+The real ``handlers.ports.Transfer``. Every URL and every redirect hop goes through the
+SSRF guard (``worker.urls.UrlGuard``); the failure type carries the retry decision:
+4xx and bad content are permanent, 5xx/timeouts/connection errors are retried here
+``attempts`` times and then surface as ``retryable=True`` for the runner to release the job.
+Only redacted URLs appear in logs and messages, and requests' own exceptions (whose text
+holds the full URL) are never chained onto ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urljoin
+
+import requests
+from PIL import Image
+
+from handlers.errors import DownloadFailed, InvalidInput, JobError, UploadFailed
+from handlers.imaging import decode_image
+from worker.urls import HostResolutionError, UrlGuard, redact_url
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SPEC's MAX_DOWNLOAD_BYTES default.
+DEFAULT_MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
+# 8192x8192: above any camera (~50 MP) and any input the contract can use, below Pillow's own
+# bomb threshold (~89 MP), and the decoded RGB copy stays under 200 MiB of host memory.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+# Enough for CDN -> bucket hops; more is a loop or an attempt to walk the guard.
+MAX_REDIRECTS = 5
+USER_AGENT = "klein-worker"
+_CHUNK_BYTES = 64 * 1024
+# Enough of an error body to read S3's <Code>; never more, since any endpoint may answer with gigabytes.
+_ERROR_BODY_BYTES = 4096
+_S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
+# 4xx statuses a later attempt can fix (server-side timeout, throttling); every other 4xx is final.
+_TRANSIENT_STATUSES = frozenset({408, 429})
+# S3 sends 400 RequestTimeout when the body arrived too slowly: the network, not the job.
+_TRANSIENT_S3_CODES = frozenset({"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable"})
+# Obviously not an image; anything else (octet-stream, missing, wrong image/*) is left to the decoder.
+_NON_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "audio/", "video/")
+_NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    HostResolutionError,
+)
+
+
+class _Transient(Exception):
+    """One attempt failed in a way a later attempt may not; ``reason`` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransferClient:
+    """HTTP transfers for handlers (download, upload) and results (webhook)."""
+
+    def __init__(
+        self,
+        *,
+        allow_private_urls: bool = False,
+        allowed_networks: Iterable[str] = (),
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        attempts: int = 3,
+        backoff_seconds: float = 0.5,
+        session: requests.Session | None = None,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self._guard = UrlGuard.build(allow_private=allow_private_urls, allowed_networks=allowed_networks)
+        self.max_download_bytes = max_download_bytes
+        self.max_pixels = max_pixels
+        self._timeout = (connect_timeout, read_timeout)
+        self._attempts = attempts
+        self._backoff = backoff_seconds
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def check_url(self, url: str, *, field: str) -> None:
+        """Raise ``InvalidInput`` naming ``field`` if the URL may not be fetched; for early validation."""
+        try:
+            self._guard.check(url, field=field)
+        except HostResolutionError:
+            # DNS trouble is no verdict on the job; the transfer itself re-checks and fails closed.
+            logger.debug("could not resolve %s while validating %s", redact_url(url), field)
+
+    def download_image(self, url: str, *, field: str = "images") -> Image.Image:
+        """Fetch and decode an image (byte-, pixel- and bomb-capped).
+
+        Raises ``InvalidInput`` (refused URL, bad content) or ``DownloadFailed``.
+        """
+        data = self._with_retries(
+            lambda: self._download_once(url, field),
+            action="download",
+            url=url,
+            field=field,
+            error=DownloadFailed,
+        )
+        logger.debug("downloaded %s (%d bytes)", redact_url(url), len(data))
+        return decode_image(data, max_pixels=self.max_pixels, field=field)
+
+    def upload(self, url: str, data: bytes, content_type: str, *, field: str = "upload_url") -> str:
+        """PUT ``data`` to a presigned URL; return it without its query string, or raise ``UploadFailed``."""
+        # Content-Type is part of the presigned signature (boto3 signs it when given ContentType).
+        headers = {"Content-Type": content_type}
+        self._with_retries(
+            lambda: self._send("PUT", url, data, headers, action="upload", field=field),
+            action="upload",
+            url=url,
+            field=field,
+            error=UploadFailed,
+        )
+        logger.debug("uploaded %d bytes to %s", len(data), redact_url(url))
+        return redact_url(url)
+
+    def post_json(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, field: str = "webhook_url"
+    ) -> None:
+        """POST a JSON body (a webhook); raise ``UploadFailed`` (or ``InvalidInput`` for a refused URL)."""
+        merged = {"Content-Type": "application/json", **headers}
+        self._with_retries(
+            lambda: self._send("POST", url, body, merged, action="webhook POST", field=field),
+            action="webhook POST",
+            url=url,
+            field=field,
+            error=UploadFailed,
+        )
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    def _download_once(self, url: str, field: str) -> bytes:
+        # Redirects are followed here, not by requests, so that every hop meets the guard.
+        current = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            self._guard.check(current, field=field)
+            headers = self._headers({"Accept": "image/*", "Accept-Encoding": "identity"})
+            with self._session.get(
+                current, headers=headers, stream=True, allow_redirects=False, timeout=self._timeout
+            ) as response:
+                if response.is_redirect:
+                    current = urljoin(current, response.headers["Location"])
+                    logger.debug("download of %s redirected to %s", redact_url(url), redact_url(current))
+                    continue
+                _check_status(response, action="download", url=url, field=field, error=DownloadFailed)
+                _check_content_type(response, url=url, field=field)
+                return self._read_capped(response, url=url, field=field)
+        raise DownloadFailed(
+            f"{field}: download of {redact_url(url)} redirected more than {MAX_REDIRECTS} times",
+            retryable=False,
+        )
+
+    def _read_capped(self, response: requests.Response, *, url: str, field: str) -> bytes:
+        limit = self.max_download_bytes
+        too_large = f"{field}: {redact_url(url)} is larger than the {limit} byte download limit"
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise InvalidInput(too_large)
+        # Content-Length may be absent or lie: count what actually arrives.
+        buffer = bytearray()
+        for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
+            buffer += chunk
+            if len(buffer) > limit:
+                raise InvalidInput(too_large)
+        return bytes(buffer)
+
+    def _send(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str], *, action: str, field: str
+    ) -> None:
+        self._guard.check(url, field=field)
+        # No redirects: re-sending a body elsewhere is never what a presigned URL or webhook means.
+        with self._session.request(
+            method,
+            url,
+            data=body,
+            headers=self._headers(headers),
+            stream=True,
+            allow_redirects=False,
+            timeout=self._timeout,
+        ) as response:
+            _check_status(response, action=action, url=url, field=field, error=UploadFailed)
+
+    def _headers(self, extra: Mapping[str, str]) -> dict[str, Any]:
+        # Only what this request needs: session defaults (or an Authorization a caller set) must not
+        # reach a presigned URL, where S3 refuses a second auth mechanism and unsigned x-amz-* headers.
+        # A None value makes requests drop the session's header (typeshed's stubs don't say so: Any).
+        headers: dict[str, Any] = {name: None for name in self._session.headers}
+        headers["User-Agent"] = USER_AGENT
+        headers.update(extra)
+        return headers
+
+    # -- retries -------------------------------------------------------------------------------
+
+    def _with_retries(
+        self, attempt_once: Callable[[], T], *, action: str, url: str, field: str, error: type[JobError]
+    ) -> T:
+        shown = redact_url(url)
+        reason = "no attempt made"
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return attempt_once()
+            except _NETWORK_ERRORS as exc:
+                reason = type(exc).__name__
+            except _Transient as exc:
+                reason = exc.reason
+            except requests.RequestException as exc:
+                # Malformed URL or headers and the like: another attempt would fail the same way.
+                # ``from None``: requests' message holds the full URL, signature included.
+                raise error(
+                    f"{field}: {action} of {shown} failed: {type(exc).__name__}", retryable=False
+                ) from None
+            logger.warning(
+                "%s of %s failed (attempt %d/%d): %s", action, shown, attempt, self._attempts, reason
+            )
+            if attempt < self._attempts:
+                time.sleep(self._backoff * 2 ** (attempt - 1))
+        raise error(
+            f"{field}: {action} of {shown} failed after {self._attempts} attempts: {reason}", retryable=True
+        )
+
+
+def _check_status(
+    response: requests.Response, *, action: str, url: str, field: str, error: type[JobError]
+) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    code = _s3_error_code(response)
+    detail = f"HTTP {status}" + (f" ({code})" if code else "")
+    if status >= 500 or status in _TRANSIENT_STATUSES or code in _TRANSIENT_S3_CODES:
+        raise _Transient(detail)
+    raise error(f"{field}: {action} of {redact_url(url)} failed: {detail}", retryable=False)
+
+
+def _s3_error_code(response: requests.Response) -> str | None:
+    """S3's ``<Code>`` from the start of an error body (its full text may echo the request)."""
+    try:
+        head = next(response.iter_content(chunk_size=_ERROR_BODY_BYTES), b"")
+    except (requests.RequestException, OSError):
+        return None
+    match = _S3_ERROR_CODE.search(head) if isinstance(head, bytes) else None
+    return match.group(1).decode("ascii") if match else None
+
+
+def _check_content_type(response: requests.Response, *, url: str, field: str) -> None:
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type.startswith(_NON_IMAGE_TYPES):
+        raise InvalidInput(f"{field}: {redact_url(url)} returned Content-Type {content_type!r}, not an image")
