@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from handlers.errors import OutOfMemory
@@ -16,10 +17,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class Engines:
-    """Created once at boot and passed to every handler call."""
+    """Created once at boot and passed to every handler call.
+
+    ``gpu`` serialises model work: the runner keeps two jobs in hand so that one job's I/O
+    overlaps the other's inference, never two inferences competing for the same memory.
+    """
 
     klein: KleinEngine | None
     upscaler: Upscaler | None
+    gpu: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def model_name(self) -> str:

@@ -46,15 +46,16 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
     # 3. Inference: one batched call.
     t0 = time.perf_counter()
     try:
-        images = engines.klein.generate(
-            prompts=list(inp.prompts),
-            seeds=seeds,
-            references=references,
-            width=inp.width,
-            height=inp.height,
-            num_steps=inp.num_steps,
-            guidance_scale=inp.guidance_scale,
-        )
+        with engines.gpu:
+            images = engines.klein.generate(
+                prompts=list(inp.prompts),
+                seeds=seeds,
+                references=references,
+                width=inp.width,
+                height=inp.height,
+                num_steps=inp.num_steps,
+                guidance_scale=inp.guidance_scale,
+            )
     except Exception as exc:
         if is_oom(exc):
             raise oom_error(
@@ -94,8 +95,9 @@ def _finish_one(
             raise InvalidInput("input.upscale: this worker has no upscaler configured")
         t0 = time.perf_counter()
         try:
-            engines.upscaler.ensure_loaded(inp.upscale)
-            image = engines.upscaler.upscale(image, inp.upscale)
+            with engines.gpu:
+                engines.upscaler.ensure_loaded(inp.upscale)
+                image = engines.upscaler.upscale(image, inp.upscale)
         except Exception as exc:
             if is_oom(exc):
                 raise oom_error(engines, f"upscaling {image.width}x{image.height} x{inp.upscale}") from exc

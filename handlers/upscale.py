@@ -27,9 +27,10 @@ def upscale(inp: UpscaleInput, *, engines: Engines, transfer: Transfer) -> Upsca
 
     # 2. Model (loaded on demand) and 3. inference.
     try:
-        load_s = engines.upscaler.ensure_loaded(inp.scale)
-        t1 = time.perf_counter()
-        result = engines.upscaler.upscale(image, inp.scale)
+        with engines.gpu:
+            load_s = engines.upscaler.ensure_loaded(inp.scale)
+            t1 = time.perf_counter()
+            result = engines.upscaler.upscale(image, inp.scale)
     except Exception as exc:
         if is_oom(exc):
             raise oom_error(engines, f"upscaling {image.width}x{image.height} x{inp.scale}") from exc

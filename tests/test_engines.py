@@ -175,6 +175,22 @@ def test_guidance_is_ignored_by_the_distilled_model(engine: KleinEngine) -> None
     assert np.array_equal(plain, guided)
 
 
+def test_out_of_memory_propagates_unchanged(engine: KleinEngine) -> None:
+    # A real torch OOM raised from inside the real transformer: the engine must not wrap it, the
+    # handler maps exactly this type to ``out_of_memory``.
+    def exhausted(*_: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    handle = engine.pipeline.transformer.register_forward_pre_hook(exhausted)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+            _gen(engine, ["x"], [1])
+    finally:
+        handle.remove()
+    engine.free_memory()
+    assert _gen(engine, ["x"], [1])[0].shape == (SIZE, SIZE, 3)  # still usable afterwards
+
+
 def test_warm_up_and_free_memory_run(engine: KleinEngine) -> None:
     engine.warm_up()
     engine.free_memory()

@@ -78,6 +78,7 @@ def test_tiled_matches_untiled(scale: int) -> None:
     tiled = create_upscaler(
         model="tiny", weights_x2=None, weights_x4=None, tile_size=40, tile_overlap=12
     ).upscale(image, scale)
+    assert len(_spans(76, 40, 12, 4)) == 2 and len(_spans(100, 40, 12, 4)) == 3  # six tiles, really tiled
     diff = np.abs(_pixels(whole) - _pixels(tiled))
     assert tiled.size == whole.size
     # Tiles see less context at their inner borders; the blended seams stay within a few levels.
@@ -86,7 +87,8 @@ def test_tiled_matches_untiled(scale: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("length", "tile", "overlap", "align"), [(100, 48, 16, 4), (257, 64, 16, 1), (33, 32, 8, 4), (1024, 512, 32, 4)]
+    ("length", "tile", "overlap", "align"),
+    [(100, 48, 16, 4), (257, 64, 16, 1), (33, 32, 8, 4), (1024, 512, 32, 4)],
 )
 def test_tile_spans_cover_the_axis_with_overlap(length: int, tile: int, overlap: int, align: int) -> None:
     spans = _spans(length, tile, overlap, align)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,18 +26,13 @@ def _default(ctx: typer.Context) -> None:
 
 
 @app.command()
-def run(burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False) -> None:
+def run() -> None:
     """Boot (GPU probe, model choice, preload) and poll the queue until SIGTERM."""
-    from worker.app import boot_engines, build_runner, install_signal_handlers
+    from worker.app import serve
 
     settings = Settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    settings.require_queue()
-    engines = boot_engines(settings)
-    runner = build_runner(settings, engines=engines)
-    install_signal_handlers(runner)
-    runner.run(burst=burst)
-    logging.getLogger(__name__).info("worker stopped after %d job(s)", runner.processed)
+    serve(settings)
 
 
 @app.command()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from typing import Any
 
 from handlers.dispatch import Engines, handler_table
 from handlers.schemas import Limits
 from worker.boot import build_engines, choose_variant
 from worker.config import Settings
+from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
 from worker.results import ResultPublisher
 from worker.runner import Runner
 from worker.sqs import SqsJobSource, SqsResultSink, make_sqs_client
+from worker.telemetry import Telemetry
 from worker.transfer import TransferClient
 
 log = logging.getLogger(__name__)
@@ -57,24 +60,49 @@ def build_runner(
         else None
     )
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    return Runner(
-        source=SqsJobSource(
-            client=client, queue_url=queue_url, visibility_timeout=settings.visibility_timeout
-        ),
-        publisher=ResultPublisher(sink=sink, poster=transfer, webhook_secret=secret),
+    executor = JobExecutor(
         handlers=handler_table(),
         engines=engines,
         transfer=transfer,
         limits=limits_for(settings),
         worker_id=settings.worker_id,
         max_attempts=settings.max_attempts,
-        visibility_timeout=settings.visibility_timeout,
         retry_backoff_seconds=settings.retry_backoff_seconds,
+    )
+    source = SqsJobSource(client=client, queue_url=queue_url, visibility_timeout=settings.visibility_timeout)
+    return Runner(
+        source=source,
+        publisher=ResultPublisher(sink=sink, poster=transfer, webhook_secret=secret),
+        executor=executor,
+        concurrency=settings.job_concurrency,
+        visibility_timeout=settings.visibility_timeout,
         wait_time_seconds=settings.wait_time_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         idle_shutdown_seconds=settings.idle_shutdown_seconds,
         **hooks,
     )
+
+
+def serve(settings: Settings) -> Runner:
+    """The production path: metrics endpoint first (it answers 503 while loading), boot, then poll."""
+    settings.require_queue()
+    telemetry = None
+    if settings.metrics_port is not None:
+        telemetry = Telemetry()
+        telemetry.serve(settings.metrics_port)
+    started = time.perf_counter()
+    engines = boot_engines(settings)
+    hooks: dict[str, Any] = {}
+    if telemetry is not None:
+        telemetry.model_ready(time.perf_counter() - started)
+        hooks["on_event"] = telemetry.observe
+    runner = build_runner(settings, engines=engines, **hooks)
+    if telemetry is not None:
+        telemetry.last_poll_ok = lambda: runner.last_poll_ok
+    install_signal_handlers(runner)
+    runner.run()
+    log.info("worker stopped after %d job(s)", runner.processed)
+    return runner
 
 
 def install_signal_handlers(runner: Runner) -> None:

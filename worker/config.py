@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     idle_shutdown_seconds: float = Field(default=0.0, ge=0)
     container_id: str | None = None
     container_api_key: SecretStr | None = None
+    # Jobs in hand at once: 2 lets job N+1's download and inference overlap job N's encode and upload.
+    job_concurrency: int = Field(default=2, ge=1, le=8)
     wait_time_seconds: int = Field(default=20, ge=0, le=20)
     retry_backoff_seconds: int = Field(default=10, ge=0, le=900)  # first retry delay; doubles per attempt
 

@@ -1,8 +1,12 @@
-"""The consumer loop: receive -> parse -> handler -> publish -> delete, and the graceful drain.
+"""The consumer loop: receive -> execute -> publish -> delete, with bounded concurrency and a drain.
 
 Acknowledgement is decided in one place (dramatiq's ``post_process_message``): ``_process``
-computes an ``Outcome`` and its ``finally`` either deletes the message or releases it with a
-backoff. Handlers only return or raise; ``JobError.retryable`` carries the retry decision.
+gets an ``Outcome`` from the executor and its ``finally`` either deletes the message or
+releases it with a backoff. Handlers only return or raise.
+
+Up to ``concurrency`` jobs are in hand at once. The engines serialise GPU work with their own
+lock, so a second job is not a second model run: it is job N+1's download and inference
+overlapping job N's encoding, upload and result, so the GPU does not wait on I/O.
 """
 
 from __future__ import annotations
@@ -11,32 +15,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from handlers.dispatch import Engines
-from handlers.errors import JobError
-from handlers.schemas import Limits
-from worker.contract import Job, JobResult, parse_job, peek_identity, utc_now
+from worker.execute import JobExecutor, Outcome, event_fields
 from worker.heartbeat import Heartbeat
 from worker.queue import JobSource, Message
 from worker.results import ResultPublisher
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 900  # a transient failure is retried within 15 minutes at the latest
-
-
-@dataclass
-class Outcome:
-    """What to do with a message once its job has run."""
-
-    delete: bool
-    delay: int = 0
-    result: JobResult | None = None
-    webhook_url: str | None = None
-    log_fields: dict[str, Any] = field(default_factory=dict)
+QUEUE_ERROR_PAUSE_MAX = 30  # seconds between receive attempts while the queue is unreachable
 
 
 class Runner:
@@ -45,14 +35,9 @@ class Runner:
         *,
         source: JobSource,
         publisher: ResultPublisher,
-        handlers: Mapping[str, Callable[..., Any]],
-        engines: Engines,
-        transfer: Any,
-        limits: Limits,
-        worker_id: str,
-        max_attempts: int = 3,
+        executor: JobExecutor,
+        concurrency: int = 2,
         visibility_timeout: int = 120,
-        retry_backoff_seconds: int = 10,
         wait_time_seconds: int = 20,
         shutdown_grace_seconds: float = 25.0,
         idle_shutdown_seconds: float = 0.0,
@@ -62,13 +47,8 @@ class Runner:
     ) -> None:
         self._source = source
         self._publisher = publisher
-        self._handlers = handlers
-        self._engines = engines
-        self._transfer = transfer
-        self._limits = limits
-        self._worker_id = worker_id
-        self._max_attempts = max_attempts
-        self._retry_backoff = retry_backoff_seconds
+        self._executor = executor
+        self._concurrency = concurrency
         self._wait = wait_time_seconds
         self._grace = shutdown_grace_seconds
         self._idle_limit = idle_shutdown_seconds
@@ -78,38 +58,89 @@ class Runner:
         self._heartbeat = Heartbeat(source=source, visibility_timeout=visibility_timeout)
         self._stopping = threading.Event()
         self._grace_timer: threading.Timer | None = None
+        self._in_hand = 0
+        self._releases = 0  # messages handed back for a retry (burst mode polls again after one)
+        self._changed = threading.Condition()
+        self._last_activity = time.monotonic()
         self.processed = 0
+        self.poll_failures = 0
+        self.last_poll_ok: float | None = None  # monotonic time of the last successful receive (health)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def run(self, *, burst: bool = False) -> int:
-        """Poll until stopped (``burst``: until the queue looks empty). Returns the jobs finished."""
+        """Poll until stopped (``burst``: until the queue is empty and nothing is in hand).
+
+        Returns the number of jobs finished (messages deleted).
+        """
         self._heartbeat.start()
-        last_activity = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="job")
         try:
             while not self._stopping.is_set():
-                messages = self._source.receive(max_messages=1, wait_seconds=self._wait)
-                for message in messages:
-                    if self._stopping.is_set():
-                        self._source.release(message, 0)  # received after SIGTERM: hand it straight back
-                        continue
-                    self._process(message)
-                    last_activity = time.monotonic()
-                if not messages and burst:
+                self._wait_for_slot()
+                if self._stopping.is_set():
                     break
-                if not messages and self._idle_expired(last_activity):
-                    log.info("idle for %.0f s: shutting down", self._idle_limit)
-                    if self._on_idle_exit is not None:
-                        self._on_idle_exit()
+                releases_before = self._releases
+                messages = self._poll()
+                if messages is None:
+                    continue
+                for message in messages:
+                    self._start(pool, message)
+                if not messages and self._should_end(burst, releases_before):
                     break
         finally:
+            pool.shutdown(wait=True)  # the jobs in hand finish; the grace timer bounds this on SIGTERM
             self._heartbeat.stop()
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
         return self.processed
 
+    def _start(self, pool: ThreadPoolExecutor, message: Message) -> None:
+        if self._stopping.is_set():
+            self._source.release(message, 0)  # received after SIGTERM: hand it straight back
+            return
+        with self._changed:
+            self._in_hand += 1
+        self._heartbeat.track(message)
+        pool.submit(self._process, message)
+
+    def _wait_for_slot(self) -> None:
+        with self._changed:
+            while self._in_hand >= self._concurrency and not self._stopping.is_set():
+                self._changed.wait(0.5)
+
+    def _should_end(self, burst: bool, releases_before: int) -> bool:
+        """After an empty poll: burst mode ends once nothing is in hand and nothing came back for a
+        retry since the poll; otherwise the idle limit decides."""
+        with self._changed:
+            if burst:
+                while self._in_hand:
+                    self._changed.wait(0.5)
+                return self._releases == releases_before
+            idle = self._in_hand == 0 and self._idle_limit > 0
+        if idle and time.monotonic() - self._last_activity >= self._idle_limit:
+            log.info("idle for %.0f s: shutting down", self._idle_limit)
+            if self._on_idle_exit is not None:
+                self._on_idle_exit()
+            return True
+        return False
+
+    def _poll(self) -> list[Message] | None:
+        """One long poll; None when the queue could not be reached (logged, retried after a pause)."""
+        try:
+            messages = self._source.receive(max_messages=1, wait_seconds=self._wait)
+        except Exception:  # loop boundary: a queue outage must not end the worker
+            self.poll_failures += 1
+            pause = min(QUEUE_ERROR_PAUSE_MAX, 2 ** min(self.poll_failures, 5))
+            log.exception("receive failed (%d in a row); retrying in %d s", self.poll_failures, pause)
+            self._stopping.wait(pause)
+            return None
+        self.poll_failures = 0
+        self.last_poll_ok = time.monotonic()
+        return messages
+
     def request_stop(self) -> None:
-        """SIGTERM: stop receiving, let the job in hand finish within the grace period."""
+        """SIGTERM: stop receiving, let the jobs in hand finish within the grace period."""
         if self._stopping.is_set():
             return
         log.info("stop requested: draining (grace %.0f s)", self._grace)
@@ -128,116 +159,45 @@ class Runner:
                 log.exception("could not release message %s", message.message_id)
         self._on_abandon()
 
-    def _idle_expired(self, last_activity: float) -> bool:
-        return self._idle_limit > 0 and time.monotonic() - last_activity >= self._idle_limit
-
     # -- one message -------------------------------------------------------------------------
 
     def _process(self, message: Message) -> None:
-        self._heartbeat.track(message)
-        received_at = utc_now()
         started = time.perf_counter()
-        outcome = Outcome(delete=False, delay=self._backoff(message.receive_count))
+        outcome = Outcome(delete=False, delay=self._executor.backoff(message.receive_count))
         try:
-            outcome = self._run(message, received_at)
+            outcome = self._executor.execute(message)
             if outcome.result is not None:
                 self._publisher.publish(outcome.result, outcome.webhook_url)
         except Exception:  # loop boundary: log it, keep the message, keep the worker
             log.exception("result publishing failed for message %s; will retry", message.message_id)
-            outcome = Outcome(delete=False, delay=self._backoff(message.receive_count))
+            outcome = Outcome(delete=False, delay=self._executor.backoff(message.receive_count))
         finally:
             self._heartbeat.untrack(message)
             self._settle(message, outcome, started)
-
-    def _run(self, message: Message, received_at: str) -> Outcome:
-        attempt = message.receive_count
-        job: Job | None = None
-        try:
-            job = parse_job(message.body, self._limits)
-            self._event("started", job.id, job.type, attempt)
-            output = self._handlers[job.type](job.input, engines=self._engines, transfer=self._transfer)
-        except JobError as exc:
-            return self._failure(message, job, exc, received_at)
-        except Exception as exc:  # loop boundary: an unexpected error is `internal`, retried
-            log.exception("job raised unexpectedly (message %s)", message.message_id)
-            error = JobError(f"{type(exc).__name__}: {exc}", code="internal", retryable=True)
-            return self._failure(message, job, error, received_at)
-        status = "partial" if any(not r.success for r in getattr(output, "results", [])) else "succeeded"
-        result = self._result(job.id, job.type, status, attempt, received_at, output=output.model_dump())
-        return Outcome(delete=True, result=result, webhook_url=job.webhook_url)
-
-    def _failure(self, message: Message, job: Job | None, exc: JobError, received_at: str) -> Outcome:
-        attempt = message.receive_count
-        if exc.retryable and attempt < self._max_attempts:
-            return Outcome(
-                delete=False,
-                delay=self._backoff(attempt),
-                log_fields={"id": job.id if job else None, "error_code": exc.code, "error": exc.message},
-            )
-        if job is not None:
-            job_id, job_type, webhook = job.id, job.type, job.webhook_url
-        else:
-            job_id, job_type, webhook = peek_identity(message.body)
-        result = self._result(
-            job_id or message.message_id,
-            job_type,
-            "failed",
-            attempt,
-            received_at,
-            error=exc.to_dict(),
-            sqs_message_id=None if job_id else message.message_id,
-        )
-        # An invalid body may still carry a usable webhook; send the error there only if it parsed.
-        return Outcome(delete=True, result=result, webhook_url=webhook if job is not None else None)
+            with self._changed:
+                self._in_hand -= 1
+                self._last_activity = time.monotonic()
+                self._changed.notify_all()
 
     def _settle(self, message: Message, outcome: Outcome, started: float) -> None:
-        fields = {
-            "id": outcome.result.id if outcome.result else outcome.log_fields.get("id"),
-            "type": outcome.result.type if outcome.result else None,
-            "attempt": message.receive_count,
-            "message_id": message.message_id,
-            "duration_ms": int((time.perf_counter() - started) * 1000),
-            **{k: v for k, v in outcome.log_fields.items() if k != "id"},
-        }
-        if outcome.delete:
-            self._source.delete(message)
-            self.processed += 1
-            status = outcome.result.status if outcome.result else "deleted"
-            if outcome.result is not None and outcome.result.error:
-                fields["error_code"] = outcome.result.error["code"]
-                fields["error"] = outcome.result.error["message"]
-        else:
-            self._source.release(message, outcome.delay)
-            status = "retry"
-            fields["retry_in_s"] = outcome.delay
+        fields = event_fields(message, outcome, started)
+        try:
+            if outcome.delete:
+                self._source.delete(message)
+                self.processed += 1
+                status = outcome.result.status if outcome.result else "deleted"
+            else:
+                self._source.release(message, outcome.delay)
+                self._releases += 1
+                status = "retry"
+                fields["retry_in_s"] = outcome.delay
+        except Exception:  # loop boundary: the message reappears after its visibility timeout
+            log.exception("could not settle message %s; it will be redelivered", message.message_id)
+            status = "unsettled"
         fields["status"] = status
         log.info("job %s", status, extra={"job": fields})
         if self._on_event is not None:
             self._on_event(status, fields)
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _backoff(self, attempt: int) -> int:
-        return min(MAX_BACKOFF_SECONDS, self._retry_backoff * 2 ** max(0, attempt - 1))
-
-    def _event(self, status: str, job_id: str, job_type: str, attempt: int) -> None:
-        fields = {"id": job_id, "type": job_type, "attempt": attempt, "status": status}
-        log.info("job %s", status, extra={"job": fields})
-
-    def _result(
-        self, job_id: str, job_type: str | None, status: str, attempt: int, received_at: str, **kw: Any
-    ) -> JobResult:
-        return JobResult(
-            id=job_id,
-            type=job_type,
-            status=status,  # type: ignore[arg-type]
-            attempt=attempt,
-            worker_id=self._worker_id,
-            model=self._engines.model_name,
-            received_at=received_at,
-            finished_at=utc_now(),
-            **kw,
-        )
 
 
 def _exit_now() -> None:

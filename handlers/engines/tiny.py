@@ -10,6 +10,8 @@ except that the VAE keeps four down blocks (``vae_scale_factor`` 8, like the rea
 
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import (
     AutoencoderKLFlux2,
@@ -74,9 +76,8 @@ def build_tiny_tokenizer() -> Qwen2TokenizerFast:
         show_progress=False,
     )
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    model = bpe.model
     vocab = bpe.get_vocab(with_added_tokens=True)
-    merges = _merges_of(model)
+    merges = _merges_of(bpe)
     tokenizer = Qwen2TokenizerFast(
         vocab=vocab,
         merges=merges,
@@ -90,13 +91,12 @@ def build_tiny_tokenizer() -> Qwen2TokenizerFast:
     return tokenizer
 
 
-def _merges_of(model: models.BPE) -> list[tuple[str, str]]:
-    """Read a trained BPE's merges back (``tokenizers`` exposes them only through its JSON form)."""
-    import json
-
-    state = json.loads(Tokenizer(model).to_str())
-    merges = state["model"]["merges"]
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
+def _merges_of(bpe: Tokenizer) -> list[tuple[str, str]]:
+    """A trained BPE's merges in learning order (``tokenizers`` exposes them only as JSON)."""
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    # Older tokenizers releases write "left right" strings, newer ones [left, right] pairs.
+    pairs = (m.split(" ", 1) if isinstance(m, str) else m for m in merges)
+    return [(str(left), str(right)) for left, right in pairs]
 
 
 def _amplify(module: torch.nn.Module, gain: float) -> None:

@@ -8,6 +8,7 @@ same ``ModelLoader().load_from_state_dict`` path as a real checkpoint.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -246,7 +247,7 @@ def create_upscaler(
         # Like the tiny klein engine: CPU unless a device is asked for.
         target = torch.device(device or "cpu")
         for scale in SCALES:
-            sources[scale] = lambda scale=scale: tiny_state_dict(scale)
+            sources[scale] = functools.partial(tiny_state_dict, scale)
     else:
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         for scale, path in ((2, weights_x2), (4, weights_x4)):

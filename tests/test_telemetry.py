@@ -1,0 +1,136 @@
+"""/healthz and /metrics on a worker process running the tiny model against moto."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import results, send
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _wait_for(url: str, predicate, timeout: float = 120) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout
+    status, body = 0, ""
+    while time.monotonic() < deadline:
+        status, body = _get(url)
+        if predicate(status, body):
+            return status, body
+        time.sleep(0.3)
+    raise AssertionError(f"timed out on {url}: last {status} {body}")
+
+
+def _spawn(env_extra: dict[str, str]) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "MODEL": "tiny",
+        "DEVICE": "cpu",
+        "WAIT_TIME_SECONDS": "1",
+        "LOG_FORMAT": "json",
+        **env_extra,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_healthz_ready_and_metrics_count_jobs(stack):
+    port = _free_port()
+    proc = _spawn({**stack.env(), "METRICS_PORT": str(port)})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        status, body = _wait_for(f"{base}/healthz", lambda s, b: s == 200)
+        assert json.loads(body) == {
+            "ready": True,
+            "model_loaded": True,
+            "queue_reachable": True,
+            "last_poll_age_s": json.loads(body)["last_poll_age_s"],
+        }
+        stack.client("s3").put_object(Bucket=stack.bucket, Key="m/in.png", Body=_png())
+        send(
+            stack,
+            {
+                "id": "metered",
+                "type": "upscale",
+                "input": {
+                    "image_url": stack.presign_get("m/in.png"),
+                    "upload_url": stack.presign_put("m/o.png"),
+                    "scale": 2,
+                },
+            },
+        )
+        send(stack, "not json")
+        assert len(results(stack, expected=2)) == 2
+
+        _, metrics = _wait_for(f"{base}/metrics", lambda s, b: 'status="failed"' in b)
+        assert 'klein_jobs_total{status="succeeded",type="upscale"} 1.0' in metrics
+        assert 'klein_jobs_total{status="failed",type="unknown"} 1.0' in metrics
+        assert 'klein_stage_duration_seconds_count{stage="upscale"} 1.0' in metrics
+        assert "klein_queue_wait_seconds_count 2.0" in metrics
+        assert "klein_model_loaded 1.0" in metrics
+        assert "klein_model_load_seconds" in metrics
+        assert "klein_gpu_memory_used_bytes" in metrics  # the family exists; no GPU rows on CPU
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+def test_healthz_is_503_while_the_queue_is_unreachable(stack):
+    port = _free_port()
+    dead = _free_port()  # nothing listens here
+    env = {
+        **stack.env(),
+        "METRICS_PORT": str(port),
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{dead}",
+        "QUEUE_URL": f"http://127.0.0.1:{dead}/123456789012/nowhere",
+    }
+    proc = _spawn(env)
+    try:
+        # Once the model is loaded the only thing missing is the queue.
+        status, body = _wait_for(
+            f"http://127.0.0.1:{port}/healthz", lambda s, b: s == 503 and json.loads(b)["model_loaded"]
+        )
+        detail = json.loads(body)
+        assert detail["ready"] is False and detail["queue_reachable"] is False
+        assert proc.poll() is None  # a queue outage does not kill the worker
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0
+
+
+def _png() -> bytes:
+    from tests.scripted_http import png_bytes
+
+    return png_bytes(48, 32)
