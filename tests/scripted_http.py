@@ -69,12 +69,12 @@ class ScriptedServer:
                 if parts[0] == "slow":
                     delay = server.delay_override
                     time.sleep(float(parts[1]) if delay is None else delay)
-                if self.command in ("PUT", "POST"):
+                if self.command in ("PUT", "POST", "DELETE"):
                     return self._send(200, b"")
                 body = server.bodies.get(path, png_bytes())
                 self._send(200, body, server.content_types.get(path, "image/png"))
 
-            do_GET = do_PUT = do_POST = _serve
+            do_GET = do_PUT = do_POST = do_DELETE = _serve
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -117,3 +117,22 @@ def test_sigterm_past_grace_releases_the_job_at_once_and_exits_zero(stack, engin
     run_worker(stack, engines)
     (result,) = results(stack, expected=1)
     assert result["id"] == "released" and result["status"] == "succeeded" and result["attempt"] == 2
+
+
+def test_idle_worker_exits_and_destroys_its_own_vast_instance(stack, scripted):
+    started = time.monotonic()
+    proc = _spawn(
+        stack,
+        IDLE_SHUTDOWN_SECONDS=2,
+        CONTAINER_ID="4242",
+        CONTAINER_API_KEY="instance-key",
+        VAST_API_URL=scripted.url,
+    )
+    _, stderr = proc.communicate(timeout=240)
+
+    assert proc.returncode == 0, stderr
+    (call,) = scripted.requests
+    method, path, headers, _ = call
+    assert (method, path) == ("DELETE", "/api/v0/instances/4242/")
+    assert headers["Authorization"] == "Bearer instance-key"
+    assert "instance-key" not in stderr

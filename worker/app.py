@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
@@ -18,6 +19,7 @@ from worker.runner import Runner
 from worker.sqs import SqsJobSource, SqsResultSink, make_sqs_client
 from worker.telemetry import Telemetry
 from worker.transfer import TransferClient
+from worker.vast_self import destroy_own_instance
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,14 @@ def serve(settings: Settings) -> Runner:
     started = time.perf_counter()
     engines = boot_engines(settings)
     hooks: dict[str, Any] = {}
+    if settings.idle_shutdown_seconds and settings.container_id and settings.container_api_key:
+        key = settings.container_api_key.get_secret_value()
+        hooks["on_idle_exit"] = functools.partial(
+            destroy_own_instance,
+            api_url=settings.vast_api_url,
+            container_id=settings.container_id,
+            api_key=key,
+        )
     if telemetry is not None:
         telemetry.model_ready(time.perf_counter() - started)
         hooks["on_event"] = telemetry.observe

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     idle_shutdown_seconds: float = Field(default=0.0, ge=0)
     container_id: str | None = None
     container_api_key: SecretStr | None = None
+    vast_api_url: str = "https://console.vast.ai"
     # Jobs in hand at once: 2 lets job N+1's download and inference overlap job N's encode and upload.
     job_concurrency: int = Field(default=2, ge=1, le=8)
     wait_time_seconds: int = Field(default=20, ge=0, le=20)
@@ -59,7 +60,8 @@ class Settings(BaseSettings):
 
     allow_private_urls: bool = False
     max_download_bytes: int = Field(default=32 * MIB, ge=1)
-    max_download_pixels: int = Field(default=40_000_000, ge=1)
+    # 8192x8192: above any camera, below Pillow's own bomb threshold (see worker/transfer.py).
+    max_download_pixels: int = Field(default=8192 * 8192, ge=1)
     webhook_secret: SecretStr | None = None
 
     upscaler_weights_x2: str | None = None

@@ -14,29 +14,21 @@ import re
 import sys
 from datetime import UTC, datetime
 
-# Query parameters that authorise a request: presigned S3/SigV4, SigV2, GCS and Azure SAS.
-_SECRET_QUERY = re.compile(
-    r"(?i)([?&](?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|sig|"
-    r"X-Goog-Signature|token|access_token)=)[^&\s\"']+"
-)
+from worker.urls import RedactQueryFilter, redact_text
+
+# Tokens that may appear outside URLs: Hugging Face tokens and bearer credentials.
 _BEARER = re.compile(r"(?i)\b(hf_[A-Za-z0-9]{20,}|Bearer\s+[A-Za-z0-9._~+/-]+=*)")
 
 
 def scrub(text: str) -> str:
-    return _BEARER.sub("[REDACTED]", _SECRET_QUERY.sub(r"\1[REDACTED]", text))
+    """Query strings (presigned signatures) and bearer tokens out of free text."""
+    return _BEARER.sub("[REDACTED]", redact_text(text))
 
 
-class ScrubFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = scrub(message)
-        if record.exc_info and record.exc_info[1] is not None:
-            # Render the traceback now, scrubbed, so the formatter does not re-render it raw.
-            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
-        if cleaned != message or record.args:
-            record.msg, record.args = cleaned, None
-        return True
+class ScrubFilter(RedactQueryFilter):
+    """The URL redaction filter, also scrubbing bearer and Hugging Face tokens."""
+
+    redact = staticmethod(scrub)
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,9 +43,7 @@ class JsonFormatter(logging.Formatter):
         if isinstance(job, dict):
             entry.update(job)
         if record.exc_text:
-            entry["exc"] = record.exc_text
-        elif record.exc_info:
-            entry["exc"] = scrub(self.formatException(record.exc_info))
+            entry["exc"] = record.exc_text  # rendered and scrubbed by ScrubFilter
         return json.dumps(entry, default=str)
 
 

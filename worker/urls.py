@@ -50,15 +50,17 @@ class RedactQueryFilter(logging.Filter):
     presigned signatures included, at DEBUG.
     """
 
+    redact = staticmethod(redact_text)  # subclasses widen what is scrubbed (worker.logs)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = redact_text(message)
+        redacted = self.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact_text(record.exc_text)
+            record.exc_text = self.redact(record.exc_text)
         return True
 
 

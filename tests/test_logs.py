@@ -1,0 +1,51 @@
+"""Structured logs: one JSON object per line with the job's fields; no secrets, even in tracebacks."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from worker.logs import configure_logging
+
+
+@pytest.fixture
+def stream():
+    buf = io.StringIO()
+    configure_logging(level="INFO", fmt="json", stream=buf)
+    yield buf
+    configure_logging(level="WARNING", fmt="text")
+
+
+def test_job_event_is_one_json_line_with_its_fields(stream):
+    fields = {
+        "id": "job-1",
+        "type": "generate",
+        "attempt": 2,
+        "status": "succeeded",
+        "timing_inference_ms": 310,
+    }
+    logging.getLogger("worker.runner").info("job %s", "succeeded", extra={"job": fields})
+
+    (line,) = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["msg"] == "job succeeded" and entry["level"] == "info"
+    assert {k: entry[k] for k in fields} == fields
+
+
+def test_presigned_signatures_and_tokens_never_reach_the_log(stream):
+    url = "https://bucket.s3.amazonaws.com/out.png?X-Amz-Credential=AKIA123&X-Amz-Signature=deadbeef"
+    log = logging.getLogger("urllib3.connectionpool")
+    log.warning("PUT %s failed with token hf_abcdefghijklmnopqrstuvwx", url)
+    try:
+        raise RuntimeError(f"upload to {url} refused")
+    except RuntimeError:
+        logging.getLogger("worker.runner").exception("job failed")
+
+    text = stream.getvalue()
+    assert "deadbeef" not in text and "AKIA123" not in text and "hf_abcdefghij" not in text
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert "https://bucket.s3.amazonaws.com/out.png?<redacted>" in entries[0]["msg"]
+    assert "RuntimeError" in entries[1]["exc"]
