@@ -1,0 +1,138 @@
+"""One autoscaling tick (observe -> decide -> apply -> remember) and the loop around it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+from botocore.exceptions import BotoCoreError, ClientError
+
+from provisioning.backlog import SqsBacklog
+from provisioning.models import same_image
+from provisioning.offers import OfferRequirements
+from provisioning.policy import Decision, Observation, PolicyConfig, decide
+from provisioning.reconcile import Action, ApplyReport, Reconciler
+from provisioning.state import FleetMemory, StateFile
+from provisioning.throughput import ThroughputModel
+from provisioning.vast import VastClient, VastError
+
+log = logging.getLogger(__name__)
+
+# What one failed tick may raise; the loop logs it and tries again at the next interval.
+TICK_ERRORS = (VastError, requests.RequestException, BotoCoreError, ClientError, OSError)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick:
+    observation: Observation
+    decision: Decision
+    report: ApplyReport
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        *,
+        vast: VastClient,
+        backlog: SqsBacklog | None,
+        label: str,
+        policy: PolicyConfig,
+        requirements: OfferRequirements,
+        throughput: ThroughputModel,
+        reconciler: Reconciler | None,
+        memory: FleetMemory | None = None,
+        state: StateFile | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._vast = vast
+        self._backlog = backlog
+        self._label = label
+        self._policy = policy
+        self._requirements = requirements
+        self._throughput = throughput
+        self._reconciler = reconciler
+        self._state = state
+        self.memory = memory if memory is not None else (state.load() if state else FleetMemory())
+        self._clock = clock
+
+    def observe(self) -> Observation:
+        now = self._clock()
+        if self._backlog is not None:
+            self.memory.remember(self._backlog.sample(now=now), keep_s=self._policy.scale_in_after_s)
+        instances = self._vast.list_instances(label=self._label)
+        offers = self._vast.search_offers(self._requirements.to_query())
+        return Observation(
+            now=now,
+            samples=list(self.memory.samples),
+            instances=instances,
+            offers=offers,
+            avoid=dict(self.memory.avoid),
+            pending=list(self.memory.pending),
+        )
+
+    def plan(self) -> tuple[Observation, Decision]:
+        obs = self.observe()
+        decision = decide(
+            obs, config=self._policy, requirements=self._requirements, throughput=self._throughput
+        )
+        return obs, decision
+
+    def tick(self, *, dry_run: bool) -> Tick:
+        if self._reconciler is None:
+            raise RuntimeError("this autoscaler was built to plan only")
+        obs, decision = self.plan()
+        report = self._reconciler.apply(decision, dry_run=dry_run)
+        if not dry_run:
+            # Only what really happened is remembered: a dry run leaves the state file untouched.
+            self.memory.avoid = dict(decision.avoid)
+            self.memory.pending = list(report.pending)
+            if self._state is not None:
+                self._state.save(self.memory)
+        for action in report.actions:
+            log.info("%s %s (%s): %s", action.kind, action.target, action.reason, action.outcome)
+        return Tick(observation=obs, decision=decision, report=report)
+
+    def run(
+        self,
+        *,
+        interval_s: float,
+        dry_run: bool,
+        on_tick: Callable[[Tick], None],
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Tick every ``interval_s`` until ``stop`` is set; a failed tick is logged and retried next time."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            try:
+                on_tick(self.tick(dry_run=dry_run))
+            except TICK_ERRORS:
+                log.exception("autoscale tick failed; next try in %.0fs", interval_s)
+            stop.wait(interval_s)
+
+
+def destroy_fleet(
+    vast: VastClient, *, label: str, image: str, include_unknown: bool, dry_run: bool
+) -> list[Action]:
+    """Destroy every instance of the fleet (and labelled strangers when asked). Workers drain on SIGTERM."""
+    actions = []
+    for inst in vast.list_instances(label=label):
+        ours = same_image(inst.image, image)
+        target = f"instance {inst.id} ({inst.gpu_name}, {inst.actual_status or 'provisioning'})"
+        if not ours and not include_unknown:
+            actions.append(
+                Action(kind="destroy", target=target, reason="unknown image", outcome="left alone")
+            )
+            continue
+        if dry_run:
+            outcome = "dry run"
+        else:
+            try:
+                outcome = "destroyed" if vast.destroy_instance(inst.id) else "already gone"
+            except VastError as exc:
+                outcome = f"failed: {exc}"
+        actions.append(Action(kind="destroy", target=target, reason="destroy --all", outcome=outcome))
+    return actions

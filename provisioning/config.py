@@ -1,0 +1,220 @@
+"""Provisioning settings: command-line options over environment over a TOML file over defaults.
+
+The only reader of the environment in this package. Environment names: ``VAST_API_URL``, ``VAST_API_KEY``,
+``QUEUE_URL``, ``AWS_ENDPOINT_URL``/``AWS_REGION`` (to read the queue), and ``KLEIN_FLEET_<FIELD>`` for the
+rest (nested with ``__``: ``KLEIN_FLEET_POLICY__BOOT_DEADLINE_S``). The worker's own secrets (AWS keys,
+HF token) are read from the operator's environment by name (``worker.pass_env``) and handed to the rented
+containers; they are never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from provisioning.offers import VARIANT_MIN_VRAM_GB, OfferRequirements
+from provisioning.policy import PolicyConfig
+from provisioning.throughput import (
+    DEFAULT_IMAGES_PER_SECOND,
+    DLPERF_IMAGES_PER_SECOND,
+    ThroughputModel,
+    load_profiles,
+)
+from provisioning.vast import DEFAULT_API_URL, LaunchSpec
+
+# Names of environment variables whose values are credentials: shown as *** anywhere they are printed.
+_SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+class OfferSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: str = Field(
+        default="klein-4b", description=f"one of {', '.join(VARIANT_MIN_VRAM_GB)}: sets min VRAM"
+    )
+    min_vram_gb: float | None = None  # overrides the variant's figure
+    min_reliability: float = 0.98
+    verified: bool = True
+    min_cuda: float = 12.4
+    min_disk_gb: float = 40.0
+    min_inet_down_mbps: float = 200.0
+    max_gpus: int = 1
+    gpu_names: list[str] = Field(default_factory=list)
+    bid_margin: float = 0.10
+
+
+class PolicySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scale_in_after_s: float = Field(default=300.0, ge=0)
+    min_instance_age_s: float = Field(default=600.0, ge=0)
+    boot_deadline_s: float = Field(default=1200.0, gt=0)
+    avoid_machine_s: float = Field(default=3600.0, ge=0)
+    max_rents_per_tick: int = Field(default=4, ge=1)
+    max_per_host: int = Field(default=2, ge=1)
+    images_per_job: float = Field(default=1.0, gt=0)
+    pending_rent_s: float = Field(default=900.0, ge=0)  # a rent of unknown outcome counts this long
+    profiles_dir: Path | None = None  # benchmark profile JSON files (scripts/benchmark_vram.py)
+    dlperf_images_per_second: float = Field(default=DLPERF_IMAGES_PER_SECOND, gt=0)
+    default_images_per_second: float = Field(default=DEFAULT_IMAGES_PER_SECOND, gt=0)
+
+
+class WorkerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    disk_gb: float = 40.0
+    runtype: str = "args"
+    onstart: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)  # literal values for the worker (MODEL, MAX_BATCH...)
+    pass_env: list[str] = Field(
+        default_factory=lambda: [
+            "RESULT_QUEUE_URL",
+            "AWS_REGION",
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "HF_TOKEN",
+            "WEBHOOK_SECRET",
+        ]
+    )
+    registry_user: str | None = None  # for a private image (GHCR: a user and a read:packages token)
+    registry_token: SecretStr | None = None
+
+
+class FleetSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KLEIN_FLEET_", env_nested_delimiter="__", extra="forbid")
+
+    vast_api_url: str = Field(DEFAULT_API_URL, validation_alias=AliasChoices("vast_api_url", "VAST_API_URL"))
+    vast_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("vast_api_key", "VAST_API_KEY")
+    )
+    fleet: str = "klein"
+    image: str = "ghcr.io/OWNER/klein-worker:latest"
+    queue_url: str | None = Field(None, validation_alias=AliasChoices("queue_url", "QUEUE_URL"))
+    aws_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("aws_endpoint_url", "AWS_ENDPOINT_URL")
+    )
+    aws_region: str | None = Field(None, validation_alias=AliasChoices("aws_region", "AWS_REGION"))
+    min_instances: int = Field(0, ge=0)
+    max_instances: int = Field(4, ge=0)
+    target_wait_s: float = Field(120.0, gt=0)
+    max_hourly_usd: float = Field(5.0, ge=0)
+    max_price_per_gpu_hour: float | None = Field(1.0, gt=0)
+    interruptible: bool = False
+    interval_s: float = Field(60.0, gt=0)
+    state_file: Path | None = None
+    offers: OfferSettings = Field(default_factory=lambda: OfferSettings())
+    policy: PolicySettings = Field(default_factory=lambda: PolicySettings())
+    worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Command line (init) over environment over the TOML file named by `--config`.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    def requirements(self) -> OfferRequirements:
+        o = self.offers
+        if o.min_vram_gb is None and o.variant not in VARIANT_MIN_VRAM_GB:
+            raise ValueError(f"offers.variant {o.variant!r} is not one of {sorted(VARIANT_MIN_VRAM_GB)}")
+        return OfferRequirements(
+            min_vram_gb=o.min_vram_gb if o.min_vram_gb is not None else VARIANT_MIN_VRAM_GB[o.variant],
+            min_reliability=o.min_reliability,
+            verified=o.verified,
+            min_cuda=o.min_cuda,
+            min_disk_gb=max(o.min_disk_gb, self.worker.disk_gb),
+            min_inet_down_mbps=o.min_inet_down_mbps,
+            max_gpus=o.max_gpus,
+            gpu_names=tuple(o.gpu_names),
+            max_price_per_gpu_hour=self.max_price_per_gpu_hour,
+            interruptible=self.interruptible,
+            bid_margin=o.bid_margin,
+        )
+
+    def policy_config(self) -> PolicyConfig:
+        p = self.policy
+        return PolicyConfig(
+            image=self.image,
+            min_instances=self.min_instances,
+            max_instances=max(self.min_instances, self.max_instances),
+            target_wait_s=self.target_wait_s,
+            max_hourly_usd=self.max_hourly_usd,
+            scale_in_after_s=p.scale_in_after_s,
+            min_instance_age_s=p.min_instance_age_s,
+            boot_deadline_s=p.boot_deadline_s,
+            avoid_machine_s=p.avoid_machine_s,
+            max_rents_per_tick=p.max_rents_per_tick,
+            max_per_host=p.max_per_host,
+            images_per_job=p.images_per_job,
+        )
+
+    def throughput(self) -> ThroughputModel:
+        profiles = load_profiles(self.policy.profiles_dir) if self.policy.profiles_dir else {}
+        return ThroughputModel(
+            profiles=profiles,
+            dlperf_images_per_second=self.policy.dlperf_images_per_second,
+            default_images_per_second=self.policy.default_images_per_second,
+        )
+
+    def launch_spec(self, environ: Mapping[str, str] | None = None) -> LaunchSpec:
+        """What rented containers run; secrets named in ``worker.pass_env`` come from the environment."""
+        if not self.queue_url:
+            raise ValueError("a queue URL is needed to rent workers: --queue-url, QUEUE_URL or queue_url")
+        environ = os.environ if environ is None else environ
+        env = {name: environ[name] for name in self.worker.pass_env if environ.get(name)}
+        env.update(self.worker.env)
+        env["QUEUE_URL"] = self.queue_url
+        login = None
+        if self.worker.registry_token is not None:
+            registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"
+            user = self.worker.registry_user or "token"
+            login = f"-u {user} -p {self.worker.registry_token.get_secret_value()} {registry}"
+        return LaunchSpec(
+            image=self.image,
+            label=self.fleet,
+            env=env,
+            disk_gb=self.worker.disk_gb,
+            runtype=self.worker.runtype,
+            onstart=self.worker.onstart,
+            image_login=login,
+        )
+
+    def state_path(self, environ: Mapping[str, str] | None = None) -> Path:
+        if self.state_file is not None:
+            return self.state_file
+        environ = os.environ if environ is None else environ
+        base = Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return base / "klein-fleet" / f"{self.fleet}.json"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> FleetSettings:
+    """Settings from ``overrides`` (the command line; None means "not given"), env, then the TOML file."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is None:
+        return FleetSettings(**values)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FromFile(FleetSettings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    return _FromFile(**values)
+
+
+def masked_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The env for display: credential-looking values replaced by ***."""
+    return {k: "***" if any(m in k.upper() for m in _SECRET_MARKERS) else v for k, v in env.items()}

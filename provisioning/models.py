@@ -1,0 +1,126 @@
+"""Plain data shared by the client, the policy, the reconciler and the simulator, and what an instance's
+Vast status means to the fleet.
+
+No I/O here: ``vast.py`` parses API replies into these, ``policy.py`` reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+_OFFLINE_STATUSES = {"offline", "unknown"}  # "unknown": no heartbeat from the host; it never comes back
+
+
+class Phase(StrEnum):
+    """What an instance means to the fleet, derived from its Vast status and age."""
+
+    BOOTING = "booting"  # provisioning, pulling the image, loading the model: capacity soon
+    RUNNING = "running"  # the worker is up: capacity now
+    STUCK = "stuck"  # still loading past the boot deadline
+    EXITED = "exited"  # container exited: it will not come back by itself
+    OFFLINE = "offline"  # host lost (offline, or no heartbeat: "unknown")
+    OUTBID = "outbid"  # interruptible instance stopped by a higher bid
+    STOPPED = "stopped"  # stopped or frozen by someone else: the fleet never stops its own
+
+    @property
+    def is_capacity(self) -> bool:
+        return self in (Phase.BOOTING, Phase.RUNNING)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer:
+    """One rentable machine bundle from ``POST /api/v0/bundles/``."""
+
+    id: int
+    machine_id: int
+    host_id: int
+    gpu_name: str
+    num_gpus: int
+    gpu_ram_mb: int  # per GPU, as Vast reports it
+    dph_total: float  # on-demand $/h for the whole bundle
+    min_bid: float | None = None  # interruptible floor, $/h for the whole bundle
+    dlperf: float | None = None  # Vast's deep-learning performance score (whole bundle)
+    reliability: float = 0.0
+    verified: bool = False
+    cuda_max_good: float = 0.0
+    disk_space_gb: float = 0.0
+    inet_down_mbps: float = 0.0
+    geolocation: str = ""
+
+    @property
+    def price_per_gpu_hour(self) -> float:
+        return self.dph_total / max(1, self.num_gpus)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Instance:
+    """One rented instance from the instance list."""
+
+    id: int
+    label: str | None
+    image: str | None
+    machine_id: int | None
+    host_id: int | None
+    gpu_name: str
+    num_gpus: int
+    dph_total: float  # what it costs now, $/h
+    actual_status: str | None  # None while provisioning
+    intended_status: str | None
+    status_msg: str
+    started_at: float  # epoch seconds (Vast's start_date)
+    is_bid: bool = False
+    dlperf: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueSample:
+    """The job queue at one moment (SQS approximate counts)."""
+
+    at: float  # epoch seconds
+    visible: int  # waiting to be received
+    in_flight: int  # received by a worker, not yet deleted
+    delayed: int = 0  # retries waiting out their backoff
+
+    @property
+    def backlog(self) -> int:
+        return self.visible + self.in_flight
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingRent:
+    """A rent whose outcome is unknown (timeout): counted as booting capacity and cost until it shows up."""
+
+    offer_id: int
+    machine_id: int
+    dph_total: float
+    num_gpus: int
+    gpu_name: str
+    requested_at: float
+    expires_at: float
+
+
+def same_image(a: str | None, b: str) -> bool:
+    """``ghcr.io/x/y`` equals ``ghcr.io/x/y:latest``; ``docker.io/`` is implied."""
+
+    def norm(ref: str) -> str:
+        ref = ref.strip().removeprefix("docker.io/")
+        tail = ref.rsplit("/", 1)[-1]
+        return ref if ":" in tail or "@" in ref else f"{ref}:latest"
+
+    return a is not None and norm(a) == norm(b)
+
+
+def classify(instance: Instance, *, now: float, boot_deadline_s: float) -> Phase:
+    status = (instance.actual_status or "").lower()
+    if status == "running":
+        return Phase.RUNNING
+    if status == "exited":
+        return Phase.EXITED
+    if status in _OFFLINE_STATUSES:
+        return Phase.OFFLINE
+    if status in ("stopped", "frozen"):
+        outbid = instance.is_bid or "outbid" in instance.status_msg.lower()
+        return Phase.OUTBID if outbid else Phase.STOPPED
+    # Provisioning, loading, rebooting, and any status Vast may add later: booting until the deadline.
+    return Phase.BOOTING if now - instance.started_at <= boot_deadline_s else Phase.STUCK

@@ -1,0 +1,276 @@
+"""A small typed client for the Vast.ai REST API (``requests``), with the API's sharp edges handled.
+
+- 429 replies come without Retry-After: back off exponentially (with jitter) and try again.
+- A create that times out may still have rented: never retry it; report the outcome as unknown so the
+  caller reconciles by listing instances by label.
+- An error reply can still carry ``new_contract``: the rent happened, whatever the status says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import requests
+
+from provisioning.models import Instance, Offer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_URL = "https://console.vast.ai"
+PAGE_SIZE = 25  # the v1 instance list serves at most 25 rows per page
+_RETRY_STATUS = {429, 502, 503, 504}  # safe to repeat: the request was not acted on
+_MAX_PAGES = 1000  # a server that keeps handing out next_token must not loop us forever
+
+
+class VastError(RuntimeError):
+    """A Vast API call failed for good (after retries where retrying is safe)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CreateOutcome(StrEnum):
+    RENTED = "rented"
+    REJECTED = "rejected"  # definitely not rented (offer gone, bad request)
+    UNKNOWN = "unknown"  # timed out or failed mid-way: may have rented; reconcile by listing
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchSpec:
+    """What every fleet instance runs: the body of ``PUT /api/v0/asks/{offer_id}/`` minus the price."""
+
+    image: str
+    label: str
+    env: Mapping[str, str] = field(repr=False)  # holds credentials: kept out of reprs and logs
+    disk_gb: float = 40.0
+    runtype: str = "args"  # run the image's own entrypoint (the worker), not an ssh shell
+    onstart: str | None = None
+    image_login: str | None = field(default=None, repr=False)  # "-u USER -p TOKEN ghcr.io" (private image)
+
+    def body(self, price: float | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "client_id": "me",
+            "image": self.image,
+            "env": dict(self.env),
+            "disk": self.disk_gb,
+            "label": self.label,
+            "runtype": self.runtype,
+            # Fail instead of creating a stopped instance when the machine is already taken.
+            "cancel_unavail": True,
+        }
+        if self.onstart:
+            body["onstart"] = self.onstart
+        if self.image_login:
+            body["image_login"] = self.image_login
+        if price is not None:
+            body["price"] = price  # an interruptible bid, $/h
+        return body
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateResult:
+    outcome: CreateOutcome
+    instance_id: int | None = None
+    message: str = ""
+
+
+class VastClient:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        api_url: str = DEFAULT_API_URL,
+        session: requests.Session | None = None,
+        timeout_s: float = 30.0,
+        create_timeout_s: float = 60.0,
+        max_attempts: int = 6,
+        backoff_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._url = api_url.rstrip("/")
+        self._session = session or requests.Session()
+        self._session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        self._timeout = timeout_s
+        self._create_timeout = create_timeout_s
+        self._attempts = max(1, max_attempts)
+        self._backoff = backoff_s
+        self._sleep = sleep
+
+    def search_offers(self, query: Mapping[str, Any]) -> list[Offer]:
+        reply = self._call("POST", "/api/v0/bundles/", json_body=dict(query))
+        rows = reply.json().get("offers") or []
+        return [o for o in (parse_offer(r) for r in rows if isinstance(r, dict)) if o is not None]
+
+    def list_instances(self, *, label: str | None = None) -> list[Instance]:
+        """Every instance (of ``label`` when given), following ``next_token`` across pages."""
+        params: dict[str, Any] = {
+            "select_filters": json.dumps({"label": {"in": [label]}} if label else {}),
+            "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+            "limit": PAGE_SIZE,
+        }
+        found: dict[int, Instance] = {}
+        for _ in range(_MAX_PAGES):
+            data = self._call("GET", "/api/v1/instances/", params=params).json()
+            for row in data.get("instances") or []:
+                inst = parse_instance(row) if isinstance(row, dict) else None
+                # Filter again here: a server that ignores select_filters must not hand us other fleets.
+                if inst is not None and (label is None or inst.label == label):
+                    found[inst.id] = inst
+            token = data.get("next_token")
+            if not token:
+                break
+            params["after_token"] = token
+        else:
+            log.warning("instance list still paging after %d pages; using what was read", _MAX_PAGES)
+        return sorted(found.values(), key=lambda i: i.id)
+
+    def create_instance(self, offer_id: int, spec: LaunchSpec, *, price: float | None = None) -> CreateResult:
+        try:
+            reply = self._call(
+                "PUT",
+                f"/api/v0/asks/{offer_id}/",
+                json_body=spec.body(price),
+                timeout=self._create_timeout,
+                repeat_on_failure=False,
+                check=False,
+            )
+        except requests.RequestException as exc:
+            # The request may have reached Vast and rented: retrying could rent twice.
+            return CreateResult(outcome=CreateOutcome.UNKNOWN, message=type(exc).__name__)
+        data = _json_or_empty(reply)
+        contract = _as_int(data.get("new_contract"))
+        message = str(data.get("msg") or data.get("error") or reply.reason or "")
+        if contract is not None:
+            if not reply.ok or data.get("success") is False:
+                log.warning(
+                    "offer %s: error reply (%s) still carries new_contract %s",
+                    offer_id,
+                    reply.status_code,
+                    contract,
+                )
+            return CreateResult(outcome=CreateOutcome.RENTED, instance_id=contract, message=message)
+        if reply.status_code >= 500:
+            return CreateResult(outcome=CreateOutcome.UNKNOWN, message=f"HTTP {reply.status_code} {message}")
+        return CreateResult(outcome=CreateOutcome.REJECTED, message=f"HTTP {reply.status_code} {message}")
+
+    def destroy_instance(self, instance_id: int) -> bool:
+        """Destroy (Vast stops the container with SIGTERM first). False if it was already gone."""
+        reply = self._call("DELETE", f"/api/v0/instances/{instance_id}/", json_body={}, check=False)
+        if reply.status_code == 404:
+            return False
+        if not reply.ok:
+            raise VastError(f"destroy {instance_id}: HTTP {reply.status_code}", status=reply.status_code)
+        return True
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        timeout: float | None = None,
+        repeat_on_failure: bool = True,
+        check: bool = True,
+    ) -> requests.Response:
+        """Send, backing off on 429 (always safe: nothing was done) and, for idempotent calls, on
+        gateway errors and connection failures."""
+        delay = self._backoff
+        for attempt in range(1, self._attempts + 1):
+            last = attempt == self._attempts
+            try:
+                reply = self._session.request(
+                    method, self._url + path, params=params, json=json_body, timeout=timeout or self._timeout
+                )
+            except requests.RequestException:
+                if not repeat_on_failure or last:
+                    raise
+                log.info("%s %s failed, retrying in %.1fs", method, path, delay)
+            else:
+                retry = reply.status_code == 429 or (repeat_on_failure and reply.status_code in _RETRY_STATUS)
+                if not retry or last:
+                    if check and not reply.ok:
+                        raise VastError(
+                            f"{method} {path}: HTTP {reply.status_code}", status=reply.status_code
+                        )
+                    return reply
+                log.info("%s %s: HTTP %s, retrying in %.1fs", method, path, reply.status_code, delay)
+            self._sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 60.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def parse_offer(row: Mapping[str, Any]) -> Offer | None:
+    offer_id, machine = _as_int(row.get("id")), _as_int(row.get("machine_id"))
+    if offer_id is None or machine is None:
+        return None
+    verification = row.get("verification")
+    return Offer(
+        id=offer_id,
+        machine_id=machine,
+        host_id=_as_int(row.get("host_id")) or 0,
+        gpu_name=str(row.get("gpu_name") or "unknown"),
+        num_gpus=_as_int(row.get("num_gpus")) or 1,
+        gpu_ram_mb=_as_int(row.get("gpu_ram")) or 0,
+        dph_total=_as_float(row.get("dph_total")) or 0.0,
+        min_bid=_as_float(row.get("min_bid")),
+        dlperf=_as_float(row.get("dlperf")),
+        reliability=_as_float(row.get("reliability2", row.get("reliability"))) or 0.0,
+        verified=bool(row.get("verified")) or verification == "verified",
+        cuda_max_good=_as_float(row.get("cuda_max_good")) or 0.0,
+        disk_space_gb=_as_float(row.get("disk_space")) or 0.0,
+        inet_down_mbps=_as_float(row.get("inet_down")) or 0.0,
+        geolocation=str(row.get("geolocation") or ""),
+    )
+
+
+def parse_instance(row: Mapping[str, Any]) -> Instance | None:
+    instance_id = _as_int(row.get("id"))
+    if instance_id is None:
+        return None
+    return Instance(
+        id=instance_id,
+        label=row.get("label"),
+        image=row.get("image_uuid") or row.get("image"),
+        machine_id=_as_int(row.get("machine_id")),
+        host_id=_as_int(row.get("host_id")),
+        gpu_name=str(row.get("gpu_name") or "unknown"),
+        num_gpus=_as_int(row.get("num_gpus")) or 1,
+        dph_total=_as_float(row.get("dph_total")) or 0.0,
+        actual_status=row.get("actual_status"),
+        intended_status=row.get("intended_status"),
+        status_msg=str(row.get("status_msg") or ""),
+        started_at=_as_float(row.get("start_date")) or 0.0,
+        is_bid=bool(row.get("is_bid")),
+        dlperf=_as_float(row.get("dlperf")),
+    )
+
+
+def _json_or_empty(reply: requests.Response) -> dict[str, Any]:
+    try:
+        data = reply.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
