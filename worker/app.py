@@ -10,7 +10,7 @@ from typing import Any
 
 from handlers.dispatch import Engines, handler_table
 from handlers.schemas import Limits
-from worker.boot import build_engines, choose_variant
+from worker.boot import build_engines, choose_variant, read_profile
 from worker.config import Settings
 from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
@@ -27,6 +27,7 @@ DEFAULT_MAX_REFERENCES = 10  # what a 24 GB card holds at 1024x1024 with 4B BF16
 
 
 def boot_engines(settings: Settings) -> Engines:
+    profile = read_profile(settings)
     gpus = probe_gpus(settings.cuda_visible_devices)
     for gpu in gpus:
         log.info(
@@ -38,12 +39,22 @@ def boot_engines(settings: Settings) -> Engines:
             gpu.driver,
             gpu.cuda,
         )
-    return build_engines(settings, choose_variant(settings, gpus))
+    return build_engines(settings, choose_variant(settings, gpus, profile))
 
 
 def limits_for(settings: Settings) -> Limits:
-    refs = settings.max_references if settings.max_references is not None else DEFAULT_MAX_REFERENCES
-    return Limits(max_batch=settings.max_batch, max_references=refs)
+    """MAX_REFERENCES (and MAX_BATCH, when not set) default from the benchmark profile's measurements."""
+    profile = read_profile(settings)
+    measured = profile.limits if profile is not None and profile.recommendation.fits else None
+    refs = settings.max_references
+    if refs is None:
+        refs = DEFAULT_MAX_REFERENCES
+        if measured is not None and measured.max_references_default is not None:
+            refs = measured.max_references_default
+    batch = settings.max_batch
+    if "max_batch" not in settings.model_fields_set and measured is not None and measured.max_batch:
+        batch = min(batch, measured.max_batch)
+    return Limits(max_batch=batch, max_references=refs)
 
 
 def build_runner(

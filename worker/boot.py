@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from handlers.dispatch import Engines
 from worker.config import Settings
 from worker.gpu import GIB, GpuInfo
+from worker.profile import BenchmarkProfile, ProfileError, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class BootError(RuntimeError):
     """The worker cannot serve on this machine; the message says why and what would."""
 
 
-def choose_variant(settings: Settings, gpus: list[GpuInfo]) -> Variant:
+def choose_variant(
+    settings: Settings, gpus: list[GpuInfo], profile: BenchmarkProfile | None = None
+) -> Variant:
     gpu = gpus[0] if gpus else None
     device = settings.device or ("cuda" if gpu else "cpu")
     if settings.model == "tiny":
@@ -63,7 +66,38 @@ def choose_variant(settings: Settings, gpus: list[GpuInfo]) -> Variant:
         raise BootError(
             "MODEL=auto found no NVIDIA GPU; set MODEL=tiny to run the random-weight model on CPU"
         )
+    if profile is not None:
+        return _from_profile(settings, profile, gpu, device)
     return _auto(settings, gpu, device)
+
+
+def _from_profile(settings: Settings, profile: BenchmarkProfile, gpu: GpuInfo, device: str) -> Variant:
+    """MODEL=auto with a benchmark profile: its measured recommendation decides."""
+    rec = profile.recommendation
+    measured_on = profile.gpu.name if profile.gpu else "no GPU"
+    if measured_on != gpu.name:
+        log.warning("benchmark profile was measured on %s, this card is %s", measured_on, gpu.name)
+    if not rec.fits or rec.model is None:
+        raise BootError(
+            f"{gpu.name}: the benchmark profile {settings.benchmark_profile} says no klein variant fits "
+            f"({rec.reason})"
+        )
+    if rec.model == "klein-9b" and not settings.allow_non_commercial:
+        raise BootError(
+            "the benchmark profile recommends klein-9b, whose weights are non-commercial: set "
+            "ALLOW_NON_COMMERCIAL=true or MODEL=klein-9b to accept, or benchmark klein-4b"
+        )
+    quant = rec.quantization or "none"
+    return Variant(rec.model, quant, device, f"benchmark profile ({measured_on}): {rec.reason}")
+
+
+def read_profile(settings: Settings) -> BenchmarkProfile | None:
+    if not settings.benchmark_profile:
+        return None
+    try:
+        return load_profile(settings.benchmark_profile)
+    except ProfileError as exc:
+        raise BootError(str(exc)) from exc
 
 
 def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:

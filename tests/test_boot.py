@@ -1,0 +1,134 @@
+"""Model choice at boot: from fake NVML readings and from benchmark profiles, every branch."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from worker.app import limits_for
+from worker.boot import BootError, choose_variant, read_profile
+from worker.config import Settings
+from worker.gpu import GIB, GpuInfo
+from worker.profile import BenchmarkProfile
+
+
+def gpu(name: str, total_gib: float, free_gib: float, cc: tuple[int, int] = (8, 9)) -> GpuInfo:
+    return GpuInfo(0, name, int(total_gib * GIB), int(free_gib * GIB), "570.1", "12.8", cc)
+
+
+def settings(**kw) -> Settings:
+    return Settings(**kw)
+
+
+@pytest.mark.parametrize(
+    ("card", "allow_9b", "expected"),
+    [
+        (gpu("NVIDIA H100 80GB HBM3", 80, 79, (9, 0)), True, ("klein-9b", "fp8")),
+        (gpu("NVIDIA H100 80GB HBM3", 80, 79, (9, 0)), False, ("klein-4b", "none")),
+        (gpu("NVIDIA GeForce RTX 5090", 32, 31, (12, 0)), True, ("klein-9b", "fp8")),
+        (gpu("NVIDIA GeForce RTX 4090", 24, 23.5), True, ("klein-4b", "none")),
+        (gpu("NVIDIA GeForce RTX 4080", 16, 15.6), False, ("klein-4b", "fp8")),
+        (gpu("NVIDIA RTX A4000", 16, 15.6, (8, 6)), False, ("klein-4b", "fp8")),
+    ],
+    ids=["h100-9b-allowed", "h100-commercial", "5090-9b", "4090", "4080-fp8", "a4000-weight-only-fp8"],
+)
+def test_auto_picks_the_best_variant_the_free_memory_holds(card, allow_9b, expected):
+    variant = choose_variant(settings(model="auto", allow_non_commercial=allow_9b), [card])
+    assert (variant.model, variant.quantization) == expected
+    assert variant.device == "cuda" and card.name in variant.reason
+
+
+def test_auto_refuses_a_card_that_holds_nothing_and_says_what_it_needs():
+    with pytest.raises(BootError) as err:
+        choose_variant(settings(model="auto"), [gpu("NVIDIA GeForce RTX 3060", 12, 10.5, (8, 6))])
+    message = str(err.value)
+    assert "RTX 3060" in message and "10.5 GiB free" in message and "needs 12 GiB" in message
+
+
+def test_auto_counts_free_not_total_memory():
+    busy_4090 = gpu("NVIDIA GeForce RTX 4090", 24, 14)  # someone else holds 10 GiB
+    assert choose_variant(settings(model="auto"), [busy_4090]).quantization == "fp8"
+
+
+def test_quantization_setting_restricts_auto():
+    with pytest.raises(BootError):
+        choose_variant(settings(model="auto", quantization="fp8"), [gpu("RTX 3060", 12, 11)])
+    h100 = gpu("H100", 80, 79, (9, 0))
+    assert choose_variant(settings(model="auto", quantization="fp8"), [h100]).model == "klein-4b"
+
+
+def test_explicit_model_and_no_gpu_cases():
+    assert choose_variant(settings(model="klein-9b"), [gpu("H100", 80, 79)]).quantization == "fp8"
+    assert choose_variant(settings(model="klein-4b", quantization="int8"), [gpu("L4", 24, 23)]).label == (
+        "flux2-klein-4b-int8"
+    )
+    assert choose_variant(settings(model="tiny"), []).device == "cpu"
+    with pytest.raises(BootError, match="MODEL=tiny"):
+        choose_variant(settings(model="auto"), [])
+
+
+def _profile(
+    *, fits: bool, model: str | None, quant: str | None, refs: int | None, batch: int | None
+) -> dict:
+    return {
+        "schema_version": 1,
+        "created_at": datetime.now(UTC).isoformat(),
+        "gpu": {"name": "NVIDIA GeForce RTX 4090", "total_bytes": 24 * GIB},
+        "software": {"python": "3.11", "torch": "2.14.1", "diffusers": "0.42.1"},
+        "variant": {
+            "model": "klein-4b",
+            "quantization": "none",
+            "label": "flux2-klein-4b-bf16",
+            "device": "cuda",
+        },
+        "settings": {"steps": 4, "runs": 3, "reference_side": 1024},
+        "limits": {"max_references_default": refs, "max_batch": batch},
+        "recommendation": {"fits": fits, "model": model, "quantization": quant, "reason": "measured"},
+    }
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    BenchmarkProfile.model_validate(data)
+    return str(path)
+
+
+def test_profile_recommendation_drives_auto_and_limits(tmp_path):
+    path = _write(tmp_path, _profile(fits=True, model="klein-4b", quant="none", refs=12, batch=4))
+    s = settings(model="auto", benchmark_profile=path)
+    variant = choose_variant(s, [gpu("NVIDIA GeForce RTX 4090", 24, 23)], read_profile(s))
+    assert (variant.model, variant.quantization) == ("klein-4b", "none")
+    assert "benchmark profile" in variant.reason
+    limits = limits_for(s)
+    assert (limits.max_references, limits.max_batch) == (12, 4)
+    # Explicit settings win over the profile.
+    explicit = limits_for(settings(benchmark_profile=path, max_references=3, max_batch=6))
+    assert (explicit.max_references, explicit.max_batch) == (3, 6)
+
+
+def test_profile_that_does_not_fit_refuses_to_boot(tmp_path):
+    path = _write(tmp_path, _profile(fits=False, model=None, quant=None, refs=None, batch=None))
+    s = settings(model="auto", benchmark_profile=path)
+    with pytest.raises(BootError, match="no klein variant fits"):
+        choose_variant(s, [gpu("NVIDIA GeForce RTX 4090", 24, 23)], read_profile(s))
+    assert limits_for(s).max_references == 10  # an unusable profile gives no limits
+
+
+def test_profile_recommending_9b_needs_the_non_commercial_opt_in(tmp_path):
+    path = _write(tmp_path, _profile(fits=True, model="klein-9b", quant="fp8", refs=6, batch=2))
+    card = [gpu("NVIDIA GeForce RTX 4090", 24, 23)]
+    s = settings(model="auto", benchmark_profile=path)
+    with pytest.raises(BootError, match="ALLOW_NON_COMMERCIAL"):
+        choose_variant(s, card, read_profile(s))
+    allowed = settings(model="auto", benchmark_profile=path, allow_non_commercial=True)
+    assert choose_variant(allowed, card, read_profile(allowed)).model == "klein-9b"
+
+
+def test_unreadable_profile_is_a_boot_error_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1}')
+    with pytest.raises(BootError, match="bad.json"):
+        read_profile(settings(benchmark_profile=str(bad)))
