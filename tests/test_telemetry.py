@@ -92,7 +92,10 @@ def test_healthz_ready_and_metrics_count_jobs(stack):
         send(stack, "not json")
         assert len(results(stack, expected=2)) == 2
 
-        _, metrics = _wait_for(f"{base}/metrics", lambda s, b: 'status="failed"' in b)
+        # Results are published before the message is settled and counted: wait for both counts.
+        _, metrics = _wait_for(
+            f"{base}/metrics", lambda s, b: 'status="failed"' in b and 'status="succeeded"' in b
+        )
         assert 'klein_jobs_total{status="succeeded",type="upscale"} 1.0' in metrics
         assert 'klein_jobs_total{status="failed",type="unknown"} 1.0' in metrics
         assert 'klein_stage_duration_seconds_count{stage="upscale"} 1.0' in metrics

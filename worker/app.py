@@ -99,6 +99,7 @@ def build_runner(
 def serve(settings: Settings) -> Runner:
     """The production path: metrics endpoint first (it answers 503 while loading), boot, then poll."""
     settings.require_queue()
+    stopper = install_signal_handlers()
     telemetry = None
     if settings.metrics_port is not None:
         telemetry = Telemetry()
@@ -120,16 +121,31 @@ def serve(settings: Settings) -> Runner:
     runner = build_runner(settings, engines=engines, **hooks)
     if telemetry is not None:
         telemetry.last_poll_ok = lambda: runner.last_poll_ok
-    install_signal_handlers(runner)
+    stopper.attach(runner)
     runner.run()
     log.info("worker stopped after %d job(s)", runner.processed)
     return runner
 
 
-def install_signal_handlers(runner: Runner) -> None:
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        runner.request_stop()
+class _Stopper:
+    """SIGTERM/SIGINT at any point: during boot nothing is in hand, so exit 0 at once;
+    once the runner exists, drain it."""
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    def __init__(self) -> None:
+        self._runner: Runner | None = None
+
+    def attach(self, runner: Runner) -> None:
+        self._runner = runner
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        if self._runner is None:
+            raise SystemExit(0)
+        self._runner.request_stop()
+
+
+def install_signal_handlers() -> _Stopper:
+    stopper = _Stopper()
+    signal.signal(signal.SIGTERM, stopper)
+    signal.signal(signal.SIGINT, stopper)
+    return stopper
