@@ -120,7 +120,6 @@ def test_sigterm_past_grace_releases_the_job_at_once_and_exits_zero(stack, engin
 
 
 def test_idle_worker_exits_and_destroys_its_own_vast_instance(stack, scripted):
-    started = time.monotonic()
     proc = _spawn(
         stack,
         IDLE_SHUTDOWN_SECONDS=2,
