@@ -71,6 +71,9 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
         _finish_one(i, image, seeds[i], inference_ms, inp, engines=engines, transfer=transfer)
         for i, image in enumerate(images)
     ]
+    if inp.upscale and engines.upscaler is not None:
+        with engines.gpu:
+            engines.upscaler.after_job()  # release the weights unless VRAM allows keeping them
 
     # 5. Output; a batch where nothing landed is a failed job, not a partial one.
     if not any(r.success for r in results):

@@ -31,6 +31,7 @@ def upscale(inp: UpscaleInput, *, engines: Engines, transfer: Transfer) -> Upsca
             load_s = engines.upscaler.ensure_loaded(inp.scale)
             t1 = time.perf_counter()
             result = engines.upscaler.upscale(image, inp.scale)
+            engines.upscaler.after_job()  # release the weights unless VRAM allows keeping them
     except Exception as exc:
         if is_oom(exc):
             raise oom_error(engines, f"upscaling {image.width}x{image.height} x{inp.scale}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from handlers.engines.upscaler import (
     create_upscaler,
     tiny_state_dict,
 )
+from handlers.engines.weights import cache_path
+from handlers.errors import JobError
+from tests.scripted_http import ScriptedServer
 
 
 def _noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -130,12 +134,79 @@ def test_missing_weights_file_fails_at_creation(tmp_path: Path) -> None:
         create_upscaler(model="real", weights_x2=None, weights_x4=str(tmp_path / "missing.pth"))
 
 
-def test_weight_urls_are_deferred_to_the_upscale_that_needs_them() -> None:
+def _serve_checkpoint(scripted: ScriptedServer, scale: int) -> str:
+    buffer = io.BytesIO()
+    torch.save(tiny_state_dict(scale), buffer)
+    path = f"/weights/tiny_x{scale}.pth"
+    scripted.bodies[path] = buffer.getvalue()
+    scripted.content_types[path] = "application/octet-stream"
+    return scripted.url + path
+
+
+def test_weight_urls_are_downloaded_once_and_cached(
+    tmp_path: Path, scripted: ScriptedServer, tiny: Upscaler
+) -> None:
+    url = _serve_checkpoint(scripted, 4)
+    cache = tmp_path / "cache"
+    upscaler = create_upscaler(model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=cache)
+    assert scripted.count("/weights/tiny_x4.pth") == 0  # nothing fetched at creation
+    image = _noise_image(24, 20)
+    result = upscaler.upscale(image, 4)
+    assert scripted.count("/weights/tiny_x4.pth") == 1
+    assert np.array_equal(_pixels(result), _pixels(tiny.upscale(image, 4)))
+    cached = cache_path(url, cache)
+    assert cached.is_file() and cached.name.endswith("-tiny_x4.pth")
+    assert [p.name for p in cache.iterdir()] == [cached.name]  # no partial file left behind
+    # A new worker (same cache) loads from disk without a request.
+    again = create_upscaler(model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=cache)
+    assert again.ensure_loaded(4) > 0.0
+    assert scripted.count("/weights/tiny_x4.pth") == 1
+
+
+def test_failed_weight_download_is_retryable_and_leaves_no_file(
+    tmp_path: Path, scripted: ScriptedServer
+) -> None:
+    url = scripted.url + "/status/503/RealESRGAN_x4plus.pth"
     upscaler = create_upscaler(
-        model="real", weights_x2=REALESRGAN_X2PLUS_URL, weights_x4=REALESRGAN_X4PLUS_URL, device="cpu"
+        model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=tmp_path
     )
-    with pytest.raises(NotImplementedError, match="URLs"):
+    with pytest.raises(JobError, match="could not be downloaded") as info:
         upscaler.ensure_loaded(4)
+    assert info.value.retryable
+    assert list(tmp_path.iterdir()) == []
+    assert upscaler.loaded_scales == []
+
+
+def test_after_job_keeps_the_model_on_the_cpu() -> None:
+    upscaler = create_upscaler(model="tiny", weights_x2=None, weights_x4=None, device="cpu")
+    upscaler.ensure_loaded(2)
+    assert upscaler.free_memory is None  # no VRAM to hand back
+    assert upscaler.after_job() is False
+    assert upscaler.loaded_scales == [2]
+
+
+def test_after_job_releases_only_when_free_memory_is_short() -> None:
+    free = {"bytes": 10 << 30}
+    reads: list[int] = []
+
+    def reader() -> int:
+        reads.append(free["bytes"])
+        return free["bytes"]
+
+    upscaler = Upscaler(
+        sources={4: lambda: tiny_state_dict(4)},
+        device=torch.device("cpu"),
+        keep_free_bytes=4 << 30,
+        free_memory=reader,
+    )
+    assert upscaler.after_job() is False and reads == []  # nothing loaded: nothing to read or drop
+    upscaler.ensure_loaded(4)
+    assert upscaler.after_job() is False  # 10 GiB free: keep it for the next upscale
+    assert upscaler.loaded_scales == [4]
+    free["bytes"] = 3 << 30
+    assert upscaler.after_job() is True  # 3 GiB < 4 GiB: give the memory back
+    assert upscaler.loaded_scales == []
+    assert upscaler.ensure_loaded(4) > 0.0  # and loads again on demand
 
 
 def test_official_weight_urls() -> None:

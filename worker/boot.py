@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from handlers.dispatch import Engines
 from worker.config import Settings
@@ -126,19 +127,25 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     from handlers.engines.upscaler import create_upscaler
 
     started = time.perf_counter()
+    hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
+    compile_ = settings.torch_compile if settings.torch_compile is not None else variant.device == "cuda"
     klein = create_klein_engine(
         model=variant.model,
         model_path=settings.model_path,
         quantization=variant.quantization,
         device=variant.device,
         hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-        cache_dir=settings.hf_home,
+        cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
+        compile=compile_,
+        nunchaku_transformer=settings.nunchaku_transformer_path,
     )
     upscaler = create_upscaler(
         model="tiny" if variant.model == "tiny" else "real",
         weights_x2=settings.upscaler_weights_x2,
         weights_x4=settings.upscaler_weights_x4,
         device=variant.device,
+        cache_dir=hf_home / "klein-worker" / "upscalers",
+        keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
     )
     if settings.preload_models:
         klein.warm_up()

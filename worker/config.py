@@ -66,6 +66,11 @@ class Settings(BaseSettings):
 
     upscaler_weights_x2: str | None = None
     upscaler_weights_x4: str | None = None
+    # Keep the upscaler loaded between jobs only while this much VRAM stays free.
+    upscaler_keep_free_gb: float = Field(default=4.0, ge=0)
+    # torch.compile of the transformer's repeated blocks and the VAE decoder; None = on for CUDA.
+    torch_compile: bool | None = None
+    nunchaku_transformer_path: str | None = None
 
     metrics_port: int | None = None
     log_level: str = "INFO"

@@ -10,14 +10,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from handlers.engines.klein import HUB_IDS, KleinEngine, create_klein_engine, load_pipeline
+    from handlers.engines.klein import HUB_IDS, KleinEngine, build_engine, create_klein_engine, load_pipeline
+    from handlers.engines.quantize import UnsupportedQuantization
     from handlers.engines.tiny import build_tiny_pipeline
     from handlers.engines.upscaler import Upscaler, create_upscaler
 
 _LAZY: dict[str, str] = {
     "HUB_IDS": "handlers.engines.klein",
     "KleinEngine": "handlers.engines.klein",
+    "build_engine": "handlers.engines.klein",
     "create_klein_engine": "handlers.engines.klein",
+    "UnsupportedQuantization": "handlers.engines.quantize",
     "load_pipeline": "handlers.engines.klein",
     "build_tiny_pipeline": "handlers.engines.tiny",
     "Upscaler": "handlers.engines.upscaler",
@@ -27,7 +30,9 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "HUB_IDS",
     "KleinEngine",
+    "UnsupportedQuantization",
     "Upscaler",
+    "build_engine",
     "build_tiny_pipeline",
     "create_klein_engine",
     "create_upscaler",

@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image
 
+from handlers.engines.quantize import (
+    NUNCHAKU_QUANTIZATIONS,
+    TORCHAO_QUANTIZATIONS,
+    Capability,
+    check_quantization,
+    load_nunchaku_transformer,
+    quantize_pipeline,
+)
+from handlers.engines.quantize import Quantizer as Quantizer
+from handlers.engines.quantize import UnsupportedQuantization as UnsupportedQuantization
+from handlers.engines.quantize import quantizer_for as quantizer_for
+from handlers.engines.speed import compile_pipeline, enable_fast_math, fuse_qkv, truncate_text_encoder
 from handlers.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -41,15 +54,10 @@ MAX_REFERENCE_ASPECT = 8.0
 WARMUP_SIZE = 256
 WARMUP_STEPS = 1
 
-# Quantization backends by name. Each mutates the loaded pipeline in place (e.g. torchao on the
-# transformer). None are wired yet: asking for one is a clear boot error, not a silent bf16 run.
-Quantizer = Callable[[Flux2KleinPipeline], None]
-QUANTIZERS: dict[str, Quantizer] = {}
-KNOWN_QUANTIZATIONS = ("none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4")
-
-
-class UnsupportedQuantization(NotImplementedError):
-    """The requested quantization backend is not available in this build."""
+# warm_up() of a compiled engine: (batch, width, height). Batch 1 then 2, non-square, so the
+# shape-generic (dynamic=True) graphs are built at boot: dynamo specialises sizes 0/1 and equal
+# sizes, and each shape class it meets later would otherwise recompile during a job.
+COMPILED_WARMUP: tuple[tuple[int, int, int], ...] = ((1, 512, 384), (2, 384, 512))
 
 
 class KleinEngine:
@@ -63,8 +71,10 @@ class KleinEngine:
         device: torch.device,
         text_encoder_out_layers: Sequence[int] = REAL_TEXT_ENCODER_OUT_LAYERS,
         max_sequence_length: int = REAL_MAX_SEQUENCE_LENGTH,
+        compiled: bool = False,
     ) -> None:
         self.pipeline = pipeline
+        self.compiled = compiled
         self.name = name
         self.device = device
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
@@ -119,16 +129,18 @@ class KleinEngine:
         return list(output.images)
 
     def warm_up(self) -> None:
-        """One small generation, so the first job does not pay for lazy init and kernel selection."""
-        self.generate(
-            prompts=["warm-up"],
-            seeds=[0],
-            references=[],
-            width=WARMUP_SIZE,
-            height=WARMUP_SIZE,
-            num_steps=WARMUP_STEPS,
-            guidance_scale=1.0,
-        )
+        """Small generations, so the first job does not pay for lazy init, kernel selection or compiling."""
+        shapes = COMPILED_WARMUP if self.compiled else ((1, WARMUP_SIZE, WARMUP_SIZE),)
+        for batch, width, height in shapes:
+            self.generate(
+                prompts=["warm-up"] * batch,
+                seeds=list(range(batch)),
+                references=[],
+                width=width,
+                height=height,
+                num_steps=WARMUP_STEPS,
+                guidance_scale=1.0,
+            )
 
     def free_memory(self) -> None:
         """Drop dead tensors and return cached CUDA blocks (after an OOM, or between big jobs)."""
@@ -155,9 +167,17 @@ def _checked_references(references: Sequence[Image.Image]) -> list[Image.Image]:
 
 
 def load_pipeline(
-    source: str, *, torch_dtype: torch.dtype, token: str | None = None, cache_dir: str | None = None
+    source: str,
+    *,
+    torch_dtype: torch.dtype,
+    token: str | None = None,
+    cache_dir: str | None = None,
+    **components: Any,
 ) -> Flux2KleinPipeline:
-    """Load a klein pipeline from a hub id or a local diffusers folder (``save_pretrained`` layout)."""
+    """Load a klein pipeline from a hub id or a local diffusers folder (``save_pretrained`` layout).
+
+    ``components`` replace the named parts instead of loading them (a nunchaku transformer).
+    """
     local = Path(source).is_dir()
     logger.info("loading FLUX.2-klein pipeline from %s %s", "folder" if local else "hub", source)
     return Flux2KleinPipeline.from_pretrained(
@@ -167,23 +187,8 @@ def load_pipeline(
         cache_dir=cache_dir,
         # A local folder must never trigger a hub lookup (offline boxes, gated repos).
         local_files_only=local,
+        **components,
     )
-
-
-def quantizer_for(quantization: str) -> Quantizer | None:
-    """The backend for ``quantization`` (None for "none"), or a clear error before any weight loads."""
-    if quantization == "none":
-        return None
-    if quantization == "auto":
-        raise ValueError("quantization 'auto' must be resolved to a concrete choice at boot")
-    if quantization not in KNOWN_QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; expected one of {KNOWN_QUANTIZATIONS}")
-    quantizer = QUANTIZERS.get(quantization)
-    if quantizer is None:
-        raise UnsupportedQuantization(
-            f"quantization {quantization!r} is not available in this build; use QUANTIZATION=none (bf16)"
-        )
-    return quantizer
 
 
 def prompt_settings(pipeline: Flux2KleinPipeline) -> tuple[tuple[int, ...], int]:
@@ -213,50 +218,102 @@ def create_klein_engine(
     hf_token: str | None = None,
     cache_dir: str | None = None,
     dtype: torch.dtype | None = None,
+    compile: bool = False,
+    nunchaku_transformer: str | None = None,
 ) -> KleinEngine:
     """Build the engine for ``model`` ("tiny", "klein-4b", "klein-9b") on ``device``.
 
     ``tiny`` builds random weights in-process (float32, CPU unless a device is given). The real
-    variants load ``model_path`` or their hub id in bf16; ``dtype`` overrides that (tests run a
-    saved tiny folder in float32 on CPU). ``quantization`` "auto" must be resolved by boot first.
+    variants load ``model_path`` or their hub id in bf16 (``cache_dir``: the hub cache, e.g.
+    ``$HF_HOME/hub``); ``dtype`` overrides that (tests run a saved tiny folder in float32 on CPU).
+    ``quantization`` "auto" must be resolved by boot first; every quantization problem is raised
+    before a weight loads. ``compile`` applies on CUDA only (see ``build_engine``).
+    ``nunchaku_transformer``: a nunchaku-quantized FLUX.2 transformer folder, for nunchaku-*.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
     if model == "tiny" and quantization == "auto":
         # Random weights have nothing to pick a precision for; "auto" simply means full precision.
         quantization = "none"
-    quantizer = quantizer_for(quantization)  # before loading: a bad choice costs no download
+    default_device = "cpu" if model == "tiny" else ("cuda" if torch.cuda.is_available() else "cpu")
+    target = torch.device(device or default_device)
+    capability = _capability(target)
+    check_quantization(quantization, capability=capability, nunchaku_transformer=nunchaku_transformer)
     if model == "tiny":
         from handlers.engines.tiny import build_tiny_pipeline
 
-        target = torch.device(device or "cpu")
         torch_dtype = dtype or torch.float32
         pipeline = build_tiny_pipeline()
         if torch_dtype != torch.float32:  # built in float32; cast only when asked (e.g. bf16 on a GPU)
             pipeline.to(dtype=torch_dtype)
+        name = "flux2-klein-tiny"
     else:
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = dtype or torch.bfloat16
+        components = {}
+        if quantization in NUNCHAKU_QUANTIZATIONS and nunchaku_transformer:
+            components["transformer"] = load_nunchaku_transformer(nunchaku_transformer, device=target)
         source = model_path or HUB_IDS[model]
-        pipeline = load_pipeline(source, torch_dtype=torch_dtype, token=hf_token, cache_dir=cache_dir)
-    # Quantize before moving, so a variant that fits the card only once quantized can still load.
-    if quantizer is not None:
-        quantizer(pipeline)
-    pipeline.to(target)
+        pipeline = load_pipeline(
+            source, torch_dtype=torch_dtype, token=hf_token, cache_dir=cache_dir, **components
+        )
+        name = f"flux2-klein-{model.removeprefix('klein-')}-{_precision_label(quantization, torch_dtype)}"
+    return build_engine(
+        pipeline, name=name, device=target, quantization=quantization, compile=compile, capability=capability
+    )
+
+
+def build_engine(
+    pipeline: Flux2KleinPipeline,
+    *,
+    name: str,
+    device: torch.device,
+    quantization: str = "none",
+    compile: bool = False,
+    capability: Capability | None = None,
+) -> KleinEngine:
+    """Make a loaded pipeline (on the CPU, or already on ``device``) the engine, in this order:
+
+    1. truncate the text encoder after its last used layer (always; bit-identical embeddings),
+    2. fuse the transformer's QKV projections (always),
+    3. quantize (fp8/int8), one Linear at a time onto ``device``, before the rest moves there,
+    4. move to ``device``,
+    5. compile the transformer blocks and the VAE decoder (CUDA and ``compile`` only).
+    """
     layers, max_length = prompt_settings(pipeline)
-    name = f"flux2-klein-{model.removeprefix('klein-')}"
-    if model != "tiny":
-        name += f"-{_precision_label(quantization, torch_dtype)}"
+    pipeline.text_encoder = truncate_text_encoder(pipeline.text_encoder, max(layers))
+    nunchaku = quantization in NUNCHAKU_QUANTIZATIONS  # its transformer comes fused and compiled
+    if not nunchaku:
+        fuse_qkv(pipeline.transformer)
+    if quantization in TORCHAO_QUANTIZATIONS:
+        quantize_pipeline(pipeline, quantization, device=device, capability=capability)
+    pipeline.to(device)
+    compiled = compile and device.type == "cuda" and not nunchaku
+    if device.type == "cuda":
+        enable_fast_math()
+    if compiled:
+        compile_pipeline(pipeline)
+    elif compile:
+        logger.info("torch.compile skipped: it pays only on CUDA, the engine runs on %s", device)
     logger.info(
-        "klein engine %s ready on %s (text layers %s, max %d tokens)", name, target, layers, max_length
+        "klein engine %s ready on %s (text layers %s, max %d tokens, compiled %s)",
+        name,
+        device,
+        layers,
+        max_length,
+        compiled,
     )
     return KleinEngine(
         pipeline=pipeline,
         name=name,
-        device=target,
+        device=device,
         text_encoder_out_layers=layers,
         max_sequence_length=max_length,
+        compiled=compiled,
     )
+
+
+def _capability(device: torch.device) -> Capability | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def _precision_label(quantization: str, dtype: torch.dtype) -> str:

@@ -1,0 +1,166 @@
+"""Speed steps on the tiny model: truncation and fusion change no output, compilation traces whole,
+and the GPU benchmark script still runs (its --smoke mode: same code, tiny model, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from handlers.engines.klein import create_klein_engine, prompt_settings
+from handlers.engines.speed import compile_pipeline, fuse_qkv, truncate_text_encoder
+from handlers.engines.tiny import build_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 128
+
+
+def _encoder(num_layers: int = 5) -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=200,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def _hidden_states(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded prompt, like the pipeline's max_length padding
+    with torch.inference_mode():
+        # The pipeline's very call (Flux2KleinPipeline._get_qwen3_prompt_embeds).
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return out.hidden_states
+
+
+def test_truncated_text_encoder_gives_bit_identical_hidden_states() -> None:
+    full = _hidden_states(_encoder())
+    truncated = truncate_text_encoder(_encoder(), 3)
+    assert not hasattr(truncated, "lm_head")  # no logits over the vocabulary
+    assert len(truncated.layers) == truncated.config.num_hidden_layers == 3
+    assert isinstance(truncated.norm, torch.nn.Identity)
+    cut = _hidden_states(truncated)
+    assert len(cut) == 4
+    # Index 3 included: it is the last entry, which transformers would have overwritten with the
+    # final-normed state had the norm stayed.
+    for k in range(4):
+        assert torch.equal(cut[k], full[k]), k
+
+
+def test_keeping_every_layer_keeps_the_final_norm() -> None:
+    full = _hidden_states(_encoder(3))
+    kept = truncate_text_encoder(_encoder(3), 3)
+    assert not isinstance(kept.norm, torch.nn.Identity)
+    # The full model's last entry is normed, so the "truncated" one must be too.
+    assert all(torch.equal(a, b) for a, b in zip(_hidden_states(kept), full, strict=True))
+
+
+def test_truncation_outside_the_layers_is_refused() -> None:
+    for last in (0, 6):
+        with pytest.raises(ValueError, match="outside"):
+            truncate_text_encoder(_encoder(), last)
+
+
+def _pipeline_image(pipeline: object, **kw: object) -> np.ndarray:
+    layers, max_length = prompt_settings(pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        out = pipeline(
+            prompt=["a red car", "a blue boat"],
+            width=SIZE,
+            height=SIZE,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+            output_type="np",
+            max_sequence_length=max_length,
+            text_encoder_out_layers=layers,
+            **kw,
+        )
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def plain_images() -> np.ndarray:
+    return _pipeline_image(build_tiny_pipeline())
+
+
+def test_fused_qkv_changes_nothing_but_the_layout(plain_images: np.ndarray) -> None:
+    pipeline = build_tiny_pipeline()
+    fuse_qkv(pipeline.transformer)
+    block = pipeline.transformer.transformer_blocks[0].attn
+    assert block.fused_projections and hasattr(block, "to_qkv") and hasattr(block, "to_added_qkv")
+    assert not hasattr(block, "to_q") and not hasattr(block, "add_q_proj")  # no duplicate weights
+    np.testing.assert_allclose(_pipeline_image(pipeline), plain_images, atol=1e-5)
+
+
+def test_engine_images_equal_the_plain_pipeline(plain_images: np.ndarray) -> None:
+    engine = create_klein_engine(model="tiny")  # truncation and fusion applied
+    assert not hasattr(engine.pipeline.text_encoder, "lm_head")
+    images = engine.generate(
+        prompts=["a red car", "a blue boat"],
+        seeds=[7, 8],
+        references=[],
+        width=SIZE,
+        height=SIZE,
+        num_steps=2,
+        guidance_scale=1.0,
+    )
+    plain = [np.asarray(image) for image in engine.pipeline.image_processor.numpy_to_pil(plain_images)]
+    for image, expected in zip(images, plain, strict=True):
+        assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+
+
+def test_compile_is_skipped_off_cuda() -> None:
+    engine = create_klein_engine(model="tiny", compile=True)
+    assert engine.compiled is False
+
+
+def test_regional_compilation_traces_whole_graphs(plain_images: np.ndarray) -> None:
+    # backend="eager": dynamo traces with fullgraph=True (any graph break is an error) but nothing
+    # is code-generated, so this checks the compiled path on a CPU in seconds.
+    pipeline = build_tiny_pipeline()
+    fuse_qkv(pipeline.transformer)
+    compile_pipeline(pipeline, backend="eager")
+    np.testing.assert_allclose(_pipeline_image(pipeline), plain_images, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_tiny_engine_on_cuda() -> None:
+    engine = create_klein_engine(model="tiny", device="cuda", dtype=torch.bfloat16, compile=True)
+    assert engine.compiled
+    engine.warm_up()
+    (image,) = engine.generate(
+        prompts=["x"], seeds=[1], references=[], width=256, height=320, num_steps=2, guidance_scale=1.0
+    )
+    assert image.size == (256, 320)
+
+
+def test_gpu_benchmark_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # In-process (the script's own main) to skip a second torch import; the smoke mode runs the
+    # very functions a GPU run does, on the tiny model.
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [stage["stage"] for stage in report["stages"]] == ["plain", "engine none"]
+    for stage in report["stages"]:
+        assert stage["s_per_image"] > 0 and stage["images_per_s"] > 0
+        assert stage["graphs_compiled_during_runs"] == 0
+    assert [row["tile"] for row in report["upscale_x4"]] == [32, None]
+    assert report["args"]["model"] == "tiny"
+    assert "| engine none |" in capsys.readouterr().out  # the markdown table
