@@ -267,3 +267,32 @@ def test_webhook_receives_signed_result(stack, engines, scripted):
     payload = json.loads(body)
     assert payload["id"] == "hooked" and payload["status"] == "succeeded"
     assert results(stack, expected=1)[0]["id"] == "hooked"  # the result queue got it too
+
+
+def test_heartbeat_keeps_a_long_job_invisible_past_the_visibility_timeout(stack, engines, scripted):
+    import threading
+    import time
+
+    send(
+        stack,
+        {
+            "id": "long",
+            "type": "upscale",
+            "input": {
+                "image_url": f"{scripted.url}/slow/9/in.png",
+                "upload_url": _put(stack, "long.png"),
+                "scale": 2,
+            },
+        },
+    )
+    worker = threading.Thread(target=run_worker, args=(stack, engines), kwargs={"visibility_timeout": 5})
+    worker.start()
+    assert scripted.hit.wait(60)
+
+    time.sleep(7)  # past the 5 s visibility timeout: without the heartbeat a second worker could take it
+    assert queue_counts(stack) == (0, 1)
+
+    worker.join(60)
+    (result,) = results(stack, expected=1)
+    assert result["status"] == "succeeded" and result["attempt"] == 1
+    assert scripted.count("/slow/9/in.png") == 1
