@@ -20,21 +20,18 @@ def _split(url: str) -> tuple[str, str]:
 
 
 def presign_job(job: dict[str, Any], s3: Any, *, expires: int) -> dict[str, Any]:
-    def put(url: str) -> str:
+    def presign(url: str, operation: str) -> str:
         if not url.startswith("s3://"):
             return url
         bucket, key = _split(url)
-        return s3.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
-        )
+        params = {"Bucket": bucket, "Key": key}
+        return s3.generate_presigned_url(operation, Params=params, ExpiresIn=expires)
+
+    def put(url: str) -> str:
+        return presign(url, "put_object")
 
     def get(url: str) -> str:
-        if not url.startswith("s3://"):
-            return url
-        bucket, key = _split(url)
-        return s3.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
-        )
+        return presign(url, "get_object")
 
     job = json.loads(json.dumps(job))  # deep copy
     inp = job.get("input", {})

@@ -26,13 +26,12 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
 )
-from spandrel.architectures.ESRGAN import ESRGAN
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from handlers.engines.klein import REAL_MAX_SEQUENCE_LENGTH, KleinEngine, build_engine
 from handlers.engines.quantize import check_quantization
 from handlers.engines.tiny import build_tiny_tokenizer
-from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler
+from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler, random_realesrgan
 
 logger = logging.getLogger(__name__)
 
@@ -172,17 +171,8 @@ def create_random_klein_engine(
 
 def realesrgan_state_dict(scale: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random state dict with the exact layout of RealESRGAN_x2plus / x4plus."""
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale}")
-    shuffle = 2 if scale == 2 else None
-    torch.manual_seed(seed + scale)
-    network = ESRGAN(
-        in_nc=3 * (shuffle or 1) ** 2,
-        out_nc=3,
-        num_filters=ESRGAN_NUM_FILTERS,
-        num_blocks=ESRGAN_NUM_BLOCKS,
-        scale=4,
-        shuffle_factor=shuffle,
+    network = random_realesrgan(
+        scale, num_filters=ESRGAN_NUM_FILTERS, num_blocks=ESRGAN_NUM_BLOCKS, seed=seed
     )
     return network.state_dict()
 

@@ -231,20 +231,25 @@ def _ramp(size: int, band: int, scale: int, lead: bool, trail: bool, like: torch
     return ramp.to(like.dtype)
 
 
-def tiny_state_dict(scale: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random Real-ESRGAN-layout state dict; x2 uses the x2plus pixel-unshuffle + x4 body."""
+def random_realesrgan(scale: int, *, num_filters: int, num_blocks: int, seed: int = 0) -> ESRGAN:
+    """A random-weight network with Real-ESRGAN's layout: x4plus, or x2plus (pixel-unshuffle + x4 body)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale}")
     shuffle = 2 if scale == 2 else None
     torch.manual_seed(seed + scale)
-    network = ESRGAN(
+    return ESRGAN(
         in_nc=3 * (shuffle or 1) ** 2,
         out_nc=3,
-        num_filters=TINY_NUM_FILTERS,
-        num_blocks=TINY_NUM_BLOCKS,
+        num_filters=num_filters,
+        num_blocks=num_blocks,
         scale=4,
         shuffle_factor=shuffle,
     )
+
+
+def tiny_state_dict(scale: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small random Real-ESRGAN-layout state dict for MODEL=tiny."""
+    network = random_realesrgan(scale, num_filters=TINY_NUM_FILTERS, num_blocks=TINY_NUM_BLOCKS, seed=seed)
     # Default init gives a near-black output with a third of it clipped at 0; centring the last
     # conv on mid-grey with a larger gain gives textured images that exercise blending and clamping.
     last = network.model[-1]
