@@ -15,18 +15,15 @@ import time
 from PIL import Image
 
 from handlers.dispatch import Engines, is_oom, oom_error
-from handlers.errors import InvalidInput, JobError
+from handlers.errors import JobError
 from handlers.imaging import encode_image
 from handlers.ports import Transfer
 from handlers.schemas import GeneratedImage, GenerateInput, GenerateOutput
+from handlers.upscale import elapsed_ms, upscale_image
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1 - 64  # seed + i must stay a valid 64-bit generator seed
-
-
-def _ms(start: float) -> int:
-    return int((time.perf_counter() - start) * 1000)
 
 
 def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> GenerateOutput:
@@ -64,7 +61,7 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
                 f"with {len(references)} reference(s)",
             ) from exc
         raise
-    inference_ms = _ms(t0) // max(1, len(images))  # each image's share of the batched call
+    inference_ms = elapsed_ms(t0) // max(1, len(images))  # each image's share of the batched call
 
     # 4. Per image: upscale, encode, upload.
     results = [
@@ -79,7 +76,7 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
     if not any(r.success for r in results):
         first = results[0].error or {"code": "internal", "message": "no image produced"}
         raise JobError(first["message"], code=first["code"], retryable=False)  # type: ignore[arg-type]
-    return GenerateOutput(results=results, timing_total_ms=_ms(started))
+    return GenerateOutput(results=results, timing_total_ms=elapsed_ms(started))
 
 
 def _finish_one(
@@ -94,18 +91,7 @@ def _finish_one(
 ) -> GeneratedImage:
     upscale_ms = None
     if inp.upscale:
-        if engines.upscaler is None:
-            raise InvalidInput("input.upscale: this worker has no upscaler configured")
-        t0 = time.perf_counter()
-        try:
-            with engines.gpu:
-                engines.upscaler.ensure_loaded(inp.upscale)
-                image = engines.upscaler.upscale(image, inp.upscale)
-        except Exception as exc:
-            if is_oom(exc):
-                raise oom_error(engines, f"upscaling {image.width}x{image.height} x{inp.upscale}") from exc
-            raise
-        upscale_ms = _ms(t0)
+        image, _, upscale_ms = upscale_image(engines, image, inp.upscale, release=False)
 
     data, content_type = encode_image(image, inp.output_format, inp.quality)
     t0 = time.perf_counter()
@@ -125,5 +111,5 @@ def _finish_one(
         seed=seed,
         timing_inference_ms=inference_ms,
         timing_upscale_ms=upscale_ms,
-        timing_upload_ms=_ms(t0),
+        timing_upload_ms=elapsed_ms(t0),
     )
