@@ -65,7 +65,7 @@ class Market:
             dlperf=model.dlperf,
             reliability=0.99,
             verified=True,
-            cuda_max_good=12.8,
+            cuda_max_good=13.0,
             disk_space_gb=200.0,
             inet_down_mbps=1000.0,
         )

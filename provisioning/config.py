@@ -44,7 +44,8 @@ class OfferSettings(BaseModel):
     min_vram_gb: float | None = None  # overrides the variant's figure
     min_reliability: float = 0.98
     verified: bool = True
-    min_cuda: float = 12.4
+    # The default image runs PyPI torch 2.14.1, a CUDA 13.0 build: the host driver must support 13.0.
+    min_cuda: float = 13.0
     min_disk_gb: float = 40.0
     min_inet_down_mbps: float = 200.0
     max_gpus: int = 1

@@ -86,7 +86,7 @@ class FakeVast:
                 "dlperf": 80.0,
                 "reliability2": 0.995,
                 "verified": True,
-                "cuda_max_good": 12.8,
+                "cuda_max_good": 13.0,
                 "disk_space": 200.0,
                 "inet_down": 900.0,
                 "rentable": True,

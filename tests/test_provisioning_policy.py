@@ -54,7 +54,7 @@ def offer(oid: int, *, price: float = 0.4, gpu: str = "RTX 4090", **kw) -> Offer
         dlperf=80.0,
         reliability=0.995,
         verified=True,
-        cuda_max_good=12.8,
+        cuda_max_good=13.0,
         disk_space_gb=200.0,
         inet_down_mbps=900.0,
     )
