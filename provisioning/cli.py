@@ -118,7 +118,10 @@ def main(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO (one line per action), WARNING.")] = "WARNING",
 ) -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: the CLI owns the process's logging, whatever a host process configured before.
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     if log_level.upper() != "DEBUG":
         # boto3/botocore chat at INFO (credential lookups); only the fleet's own actions are worth a line.
         for noisy in ("botocore", "boto3", "urllib3"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,20 @@ from tests.scripted_http import ScriptedServer
 from worker.local import LocalStack, start_local_stack
 
 _names = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """CLIs under test (worker, provisioning, benchmark) configure process-wide logging when run
+    in-process; put root handlers and every logger's level back after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name in logging.root.manager.loggerDict:
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
 
 
 @pytest.fixture(scope="session")

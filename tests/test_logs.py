@@ -13,17 +13,10 @@ from worker.logs import configure_logging
 
 @pytest.fixture
 def stream():
-    # configure_logging changes process-wide state: put it all back for the tests that follow.
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    # conftest's autouse fixture puts the process-wide logging state back afterwards.
     buf = io.StringIO()
     configure_logging(level="INFO", fmt="json", stream=buf)
-    yield buf
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
-    for name in logging.root.manager.loggerDict:
-        logging.getLogger(name).setLevel(saved_levels.get(name, logging.NOTSET))
+    return buf
 
 
 def test_job_event_is_one_json_line_with_its_fields(stream):

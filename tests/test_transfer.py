@@ -199,6 +199,7 @@ def test_redact_text_and_filter_hide_query_strings_from_third_party_logs(
     # urllib3 logs the request path and query at DEBUG; the filter keeps it out of handlers.
     caplog.handler.addFilter(RedactQueryFilter())
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")  # whatever level an earlier CLI left it at
     server.sequence("/out.png", Reply(403))
     url = server.url("/out.png") + "?" + urlsplit(s3.presign("put_object", "x.png")).query
     with pytest.raises(UploadFailed):
