@@ -107,6 +107,11 @@ class Start:
     metrics_port: str
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class Box:
     """A scratch directory with a fake nvidia-smi, the stand-in worker and the entrypoint's env."""
 
@@ -148,6 +153,10 @@ class Box:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # so teardown can clean up the whole tree
+                # A shell started in the background inherits SIGINT/SIGQUIT ignored, and bash cannot
+                # trap a signal that was ignored on entry: give the entrypoint the defaults that
+                # `docker stop`/`docker run` would, whatever launched this test run.
+                preexec_fn=_default_signals,
             )
         self.procs.append(proc)
         return proc
