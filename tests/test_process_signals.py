@@ -135,3 +135,12 @@ def test_idle_worker_exits_and_destroys_its_own_vast_instance(stack, scripted):
     assert (method, path) == ("DELETE", "/api/v0/instances/4242/")
     assert headers["Authorization"] == "Bearer instance-key"
     assert "instance-key" not in stderr
+
+
+def test_a_machine_that_cannot_serve_fails_at_boot_with_a_clear_message(stack):
+    proc = _spawn(stack, MODEL="auto", DEVICE="", LOG_FORMAT="json")
+    _, stderr = proc.communicate(timeout=240)
+
+    assert proc.returncode == 3
+    assert "cannot start" in stderr and "no NVIDIA GPU" in stderr and "MODEL=tiny" in stderr
+    assert "Traceback" not in stderr

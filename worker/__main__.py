@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,10 +30,16 @@ def _default(ctx: typer.Context) -> None:
 def run() -> None:
     """Boot (GPU probe, model choice, preload) and poll the queue until SIGTERM."""
     from worker.app import serve
+    from worker.boot import BootError
 
     settings = Settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    serve(settings)
+    try:
+        serve(settings)
+    except BootError as exc:
+        # A card that fits nothing, no GPU, a bad profile: one clear line, not a traceback.
+        logging.getLogger("worker").error("cannot start: %s", exc)
+        raise typer.Exit(code=3) from None
 
 
 @app.command()
