@@ -32,6 +32,8 @@ from provisioning.throughput import (
 )
 from provisioning.vast import DEFAULT_API_URL, LaunchSpec
 
+_REQUIREMENTS = OfferRequirements()
+
 # Names of environment variables whose values are credentials: shown as *** anywhere they are printed.
 _SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 
@@ -42,13 +44,13 @@ class OfferSettings(BaseModel):
         default="klein-4b", description=f"one of {', '.join(VARIANT_MIN_VRAM_GB)}: sets min VRAM"
     )
     min_vram_gb: float | None = None  # overrides the variant's figure
-    min_reliability: float = 0.98
-    verified: bool = True
-    # The default image runs PyPI torch 2.14.1, a CUDA 13.0 build: the host driver must support 13.0.
-    min_cuda: float = 13.0
-    min_disk_gb: float = 40.0
-    min_inet_down_mbps: float = 200.0
-    max_gpus: int = 1
+    # Defaults are OfferRequirements' own: one place says what an acceptable offer is.
+    min_reliability: float = _REQUIREMENTS.min_reliability
+    verified: bool = _REQUIREMENTS.verified
+    min_cuda: float = _REQUIREMENTS.min_cuda
+    min_disk_gb: float = _REQUIREMENTS.min_disk_gb
+    min_inet_down_mbps: float = _REQUIREMENTS.min_inet_down_mbps
+    max_gpus: int = _REQUIREMENTS.max_gpus
     gpu_names: list[str] = Field(default_factory=list)
     bid_margin: float = 0.10
 

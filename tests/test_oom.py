@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-
 from handlers.dispatch import Engines
-from handlers.engines.klein import KleinEngine
 from tests.conftest import queue_counts, results, run_worker, s3_image, send
-
-
-class OomAboveEngine(KleinEngine):
-    """The real tiny engine, except that sizes above a budget raise torch's own OOM error,
-    as a full card would. Counts the memory frees the handler asks for."""
-
-    def __init__(self, inner: KleinEngine, budget_pixels: int) -> None:
-        super().__init__(
-            pipeline=inner.pipeline,
-            name=inner.name,
-            device=inner.device,
-            text_encoder_out_layers=inner.text_encoder_out_layers,
-            max_sequence_length=inner.max_sequence_length,
-        )
-        self.budget_pixels = budget_pixels
-        self.frees = 0
-
-    def generate(self, **kw):
-        if kw["width"] * kw["height"] * len(kw["prompts"]) > self.budget_pixels:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 18.00 GiB")
-        return super().generate(**kw)
-
-    def free_memory(self) -> None:
-        self.frees += 1
-        super().free_memory()
+from tests.oom_engine import OomAboveEngine
 
 
 def test_oom_fails_the_job_with_out_of_memory_and_the_worker_goes_on(stack, engines):
-    oom_engine = OomAboveEngine(engines.klein, budget_pixels=256 * 256)
+    oom_engine = OomAboveEngine(engines.klein, max_pixels=256 * 256)
     oom_engines = Engines(klein=oom_engine, upscaler=engines.upscaler)
     send(
         stack,

@@ -83,7 +83,7 @@ class RestVram(_Model):
 class _Peaks:
     """What a generation held on the card; every figure is None on a CPU."""
 
-    if TYPE_CHECKING:  # declared by each model, in its own field order
+    if TYPE_CHECKING:  # declared by the pydantic model that mixes this in
         peak_torch_bytes: int | None
         peak_nvml_bytes: int | None
         oom: bool
@@ -95,34 +95,29 @@ class _Peaks:
         return max(values) if values else None
 
 
-class ResolutionRun(_Model, _Peaks):
+class _Run(_Model, _Peaks):
+    """One generation setting measured at one output size."""
+
     width: int
     height: int
-    latency_s_median: float | None = None
-    latency_s_all: list[float] = Field(default_factory=list)
     peak_torch_bytes: int | None = None
     peak_nvml_bytes: int | None = None  # sampled after the run, while the allocator holds its blocks
     oom: bool = False
 
 
-class ReferenceRun(_Model, _Peaks):
+class ResolutionRun(_Run):
+    latency_s_median: float | None = None
+    latency_s_all: list[float] = Field(default_factory=list)
+
+
+class ReferenceRun(_Run):
     count: int
-    width: int
-    height: int
     latency_s: float | None = None
-    peak_torch_bytes: int | None = None
-    peak_nvml_bytes: int | None = None
-    oom: bool = False
 
 
-class BatchRun(_Model, _Peaks):
+class BatchRun(_Run):
     size: int
-    width: int
-    height: int
     latency_s: float | None = None
-    peak_torch_bytes: int | None = None
-    peak_nvml_bytes: int | None = None
-    oom: bool = False
 
 
 class UpscalerRun(_Model):
