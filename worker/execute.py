@@ -83,6 +83,9 @@ class JobExecutor:
                 delay=self.backoff(attempt),
                 log_fields={"id": job.id if job else None, "error_code": exc.code, "error": exc.message},
             )
+        job_id: str | None
+        job_type: str | None
+        webhook: str | None
         if job is not None:
             job_id, job_type, webhook = job.id, job.type, job.webhook_url
         else:

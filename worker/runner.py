@@ -181,6 +181,7 @@ class Runner:
 
     def _settle(self, message: Message, outcome: Outcome, started: float) -> None:
         fields = event_fields(message, outcome, started)
+        status: str
         try:
             if outcome.delete:
                 self._source.delete(message)

@@ -86,7 +86,7 @@ class Telemetry:
         )
         self.model_load = Gauge("klein_model_load_seconds", "Model load + warm-up", registry=self.registry)
         self.model_loaded = Gauge("klein_model_loaded", "1 once the model is ready", registry=self.registry)
-        self.registry.register(_GpuMemoryCollector(gpu_memory))  # type: ignore[arg-type]
+        self.registry.register(_GpuMemoryCollector(gpu_memory))
         self.last_poll_ok: Callable[[], float | None] = lambda: None
         self.loaded = False
         self._server: ThreadingHTTPServer | None = None
