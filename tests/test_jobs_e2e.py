@@ -296,3 +296,27 @@ def test_heartbeat_keeps_a_long_job_invisible_past_the_visibility_timeout(stack,
     (result,) = results(stack, expected=1)
     assert result["status"] == "succeeded" and result["attempt"] == 1
     assert scripted.count("/slow/9/in.png") == 1
+
+
+def test_a_dead_webhook_does_not_rerun_a_finished_job(stack, engines, scripted):
+    send(
+        stack,
+        {
+            "id": "dead-hook",
+            "type": "upscale",
+            "input": {
+                "image_url": f"{scripted.url}/img/in.png",
+                "upload_url": _put(stack, "dh/out.png"),
+                "scale": 2,
+            },
+            "webhook_url": f"{scripted.url}/status/500/hook",
+        },
+    )
+
+    assert run_worker(stack, engines) == 1
+
+    assert scripted.count("/status/500/hook") == 3  # retried with backoff by the transfer client
+    (result,) = results(stack, expected=1)
+    assert result["status"] == "succeeded" and result["attempt"] == 1  # the result queue still has it
+    assert s3_image(stack, "dh/out.png")[0].size == (128, 128)
+    assert queue_counts(stack) == (0, 0)
