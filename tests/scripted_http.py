@@ -5,6 +5,7 @@ Paths (any suffix after the script is free, e.g. a file name):
   /flaky/<n>/<name>            500 for the first n requests, then the image
   /slow/<seconds>/<name>       sleeps, then the image (a job that is "mid-flight")
   /status/<code>/<name>        always that status (PUT or GET)
+  /trickle/<seconds>/<name>    the image a few bytes at a time, spread over that many seconds
   /hook                        records POSTed bodies and headers (webhooks)
 Every request is recorded in ``requests`` as (method, path, headers, body).
 """
@@ -66,6 +67,8 @@ class ScriptedServer:
                     return self._send(int(parts[1]), b"scripted failure", "text/plain")
                 if parts[0] == "flaky" and count <= int(parts[1]):
                     return self._send(500, b"try again", "text/plain")
+                if parts[0] == "trickle":
+                    return self._trickle(png_bytes(), float(parts[1]))
                 if parts[0] == "slow":
                     delay = server.delay_override
                     time.sleep(float(parts[1]) if delay is None else delay)
@@ -73,6 +76,17 @@ class ScriptedServer:
                     return self._send(200, b"")
                 body = server.bodies.get(path, png_bytes())
                 self._send(200, body, server.content_types.get(path, "image/png"))
+
+            def _trickle(self, body: bytes, seconds: float) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                pieces = [body[i : i + 16] for i in range(0, len(body), 16)]
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(seconds / len(pieces))
 
             do_GET = do_PUT = do_POST = do_DELETE = _serve
 

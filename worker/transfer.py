@@ -74,6 +74,7 @@ class TransferClient:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
+        download_deadline_seconds: float = 120.0,
         attempts: int = 3,
         backoff_seconds: float = 0.5,
         session: requests.Session | None = None,
@@ -84,6 +85,7 @@ class TransferClient:
         self.max_download_bytes = max_download_bytes
         self.max_pixels = max_pixels
         self._timeout = (connect_timeout, read_timeout)
+        self.download_deadline_seconds = download_deadline_seconds
         self._attempts = attempts
         self._backoff = backoff_seconds
         self._owns_session = session is None
@@ -172,12 +174,16 @@ class TransferClient:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise InvalidInput(too_large)
-        # Content-Length may be absent or lie: count what actually arrives.
+        # Content-Length may be absent or lie: count what actually arrives. The read timeout bounds
+        # each chunk, not the whole: a server trickling bytes is stopped by the total deadline.
+        deadline = time.monotonic() + self.download_deadline_seconds
         buffer = bytearray()
         for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
             buffer += chunk
             if len(buffer) > limit:
                 raise InvalidInput(too_large)
+            if time.monotonic() > deadline:
+                raise _Transient(f"slower than the {self.download_deadline_seconds:g} s download deadline")
         return bytes(buffer)
 
     def _send(
