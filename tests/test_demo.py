@@ -39,3 +39,18 @@ def test_demo_runs_the_samples_and_saves_images(tmp_path):
     assert saved["photo-x4.png"].size == (512, 384)
     assert "demo-invalid" in proc.stdout and "invalid_input" in proc.stdout
     assert "X-Amz-Signature" not in proc.stdout + proc.stderr
+
+
+def test_demo_uses_the_real_model_only_where_a_gpu_and_its_weights_are(tmp_path):
+    from worker.demo import default_model
+
+    assert default_model(gpu_found=False, model_path="/models/klein") == "tiny"
+    assert default_model(gpu_found=True, model_path="/models/klein") == "auto"
+    assert default_model(gpu_found=True, model_path=None, hub_cache=str(tmp_path)) == "tiny"
+    # A Hugging Face cache holding the klein-4B snapshot counts as weights present.
+    repo = tmp_path / "models--black-forest-labs--FLUX.2-klein-4B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model_index.json").write_text("{}")
+    assert default_model(gpu_found=True, model_path=None, hub_cache=str(tmp_path)) == "auto"

@@ -48,18 +48,22 @@ def demo(
 ) -> None:
     """Run the whole loop locally: embedded SQS + S3, sample jobs, the tiny model on CPU."""
     from worker.app import boot_engines, build_runner
-    from worker.demo import run_demo
+    from worker.demo import DEMO_SIZE, REAL_SIZE, default_model, run_demo
+    from worker.gpu import probe_gpus
     from worker.local import start_local_stack
 
-    # The demo's own defaults; any explicit environment still wins (e.g. MODEL on a GPU box).
-    os.environ.setdefault("MODEL", "tiny")
-    os.environ.setdefault("LOG_FORMAT", "text")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
     stack = start_local_stack()
     try:
-        for key, value in stack.env().items():
-            os.environ[key] = value
+        # The worker's boto3 client takes the stack's endpoint and credentials from the environment.
+        os.environ.update(stack.env())
         settings = Settings(wait_time_seconds=1)
+        # The demo's own defaults; anything set explicitly still wins (e.g. MODEL on a GPU box).
+        defaults: dict[str, Any] = {"log_format": "text", "log_level": "WARNING"}
+        if "model" not in settings.model_fields_set:
+            gpus = probe_gpus(settings.cuda_visible_devices)
+            defaults["model"] = default_model(gpu_found=bool(gpus), model_path=settings.model_path)
+        unset = {k: v for k, v in defaults.items() if k not in settings.model_fields_set}
+        settings = settings.model_copy(update=unset)
         configure_logging(level=settings.log_level, fmt=settings.log_format)
         with console.status(f"loading {settings.model} model..."):
             engines = boot_engines(settings)
@@ -75,7 +79,8 @@ def demo(
 
                 return build_runner(settings, engines=engines, on_event=on_event).run(burst=True)
 
-        results, saved = run_demo(stack=stack, run_worker=run_worker, out_dir=out)
+        size = DEMO_SIZE if settings.model == "tiny" else REAL_SIZE
+        results, saved = run_demo(stack=stack, run_worker=run_worker, out_dir=out, size=size)
     finally:
         stack.stop()
     _print_results(results, saved)

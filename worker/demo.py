@@ -22,6 +22,22 @@ from worker.local import LocalStack
 log = logging.getLogger(__name__)
 
 DEMO_SIZE = 256  # the contract's smallest side: quick on CPU with MODEL=tiny
+REAL_SIZE = 1024  # what the real model is made for
+
+
+def default_model(*, gpu_found: bool, model_path: str | None, hub_cache: str | None = None) -> str:
+    """The demo's model when MODEL is not set: the real one only where a GPU and its weights are
+    present (a local MODEL_PATH or klein-4B already in the Hugging Face cache), else tiny."""
+    if not gpu_found:
+        return "tiny"
+    if model_path:
+        return "auto"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(
+        "black-forest-labs/FLUX.2-klein-4B", "model_index.json", cache_dir=hub_cache
+    )
+    return "auto" if isinstance(cached, str) else "tiny"
 
 
 def sample_image(width: int, height: int, hue: int) -> Image.Image:
