@@ -60,8 +60,3 @@ class OutOfMemory(JobError):
 
     code: ErrorCode = "out_of_memory"
     retryable = False
-
-
-class JobTimeout(JobError):
-    code: ErrorCode = "timeout"
-    retryable = True
