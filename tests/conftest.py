@@ -7,7 +7,10 @@ import itertools
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,6 +95,32 @@ def run_worker(stack: LocalStack, engines: Any, **overrides: Any) -> int:
 
     runner = build_runner(worker_settings(stack, **overrides), engines=engines)
     return runner.run(burst=True)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_worker(stack: LocalStack, **env: Any) -> subprocess.Popen[str]:
+    """`python -m worker` as a real process on the tiny model, pointed at ``stack``; ``env`` overrides."""
+    full = {
+        **os.environ,
+        **stack.env(),
+        "MODEL": "tiny",
+        "DEVICE": "cpu",
+        "WAIT_TIME_SECONDS": "1",
+        "LOG_FORMAT": "json",
+        "WORKER_ID": "proc-worker",
+        "PYTHONUNBUFFERED": "1",
+        **{k: str(v) for k, v in env.items()},
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=ROOT,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def send(stack: LocalStack, job: dict[str, Any] | str) -> str:

@@ -2,40 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import queue_counts, results, run_worker, s3_image, send
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _spawn(stack, **env):
-    full = {
-        **os.environ,
-        **stack.env(),
-        "MODEL": "tiny",
-        "DEVICE": "cpu",
-        "WAIT_TIME_SECONDS": "1",
-        "LOG_FORMAT": "json",
-        "WORKER_ID": "proc-worker",
-        "PYTHONUNBUFFERED": "1",
-        **{k: str(v) for k, v in env.items()},
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker"],
-        cwd=ROOT,
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from tests.conftest import queue_counts, results, run_worker, s3_image, send, spawn_worker
 
 
 def _slow_job(stack, scripted, job_id, seconds):
@@ -63,7 +35,7 @@ def _wait_for_request(scripted, proc, timeout=120):
 
 def test_sigkill_mid_job_the_message_comes_back_and_finishes(stack, engines, scripted):
     send(stack, _slow_job(stack, scripted, "killed", 30))
-    proc = _spawn(stack, VISIBILITY_TIMEOUT=5)
+    proc = spawn_worker(stack, VISIBILITY_TIMEOUT=5)
     _wait_for_request(scripted, proc)
 
     proc.send_signal(signal.SIGKILL)
@@ -83,7 +55,7 @@ def test_sigkill_mid_job_the_message_comes_back_and_finishes(stack, engines, scr
 
 def test_sigterm_mid_job_finishes_the_job_and_exits_zero(stack, scripted):
     send(stack, _slow_job(stack, scripted, "drained", 3))
-    proc = _spawn(stack, SHUTDOWN_GRACE_SECONDS=25)
+    proc = spawn_worker(stack, SHUTDOWN_GRACE_SECONDS=25)
     _wait_for_request(scripted, proc)
 
     proc.send_signal(signal.SIGTERM)
@@ -99,7 +71,7 @@ def test_sigterm_mid_job_finishes_the_job_and_exits_zero(stack, scripted):
 
 def test_sigterm_past_grace_releases_the_job_at_once_and_exits_zero(stack, engines, scripted):
     send(stack, _slow_job(stack, scripted, "released", 20))
-    proc = _spawn(stack, SHUTDOWN_GRACE_SECONDS=1, VISIBILITY_TIMEOUT=300)
+    proc = spawn_worker(stack, SHUTDOWN_GRACE_SECONDS=1, VISIBILITY_TIMEOUT=300)
     _wait_for_request(scripted, proc)
 
     started = time.monotonic()
@@ -120,7 +92,7 @@ def test_sigterm_past_grace_releases_the_job_at_once_and_exits_zero(stack, engin
 
 
 def test_idle_worker_exits_and_destroys_its_own_vast_instance(stack, scripted):
-    proc = _spawn(
+    proc = spawn_worker(
         stack,
         IDLE_SHUTDOWN_SECONDS=2,
         CONTAINER_ID="4242",
@@ -138,7 +110,7 @@ def test_idle_worker_exits_and_destroys_its_own_vast_instance(stack, scripted):
 
 
 def test_a_machine_that_cannot_serve_fails_at_boot_with_a_clear_message(stack):
-    proc = _spawn(stack, MODEL="auto", DEVICE="", LOG_FORMAT="json")
+    proc = spawn_worker(stack, MODEL="auto", DEVICE="", LOG_FORMAT="json")
     _, stderr = proc.communicate(timeout=240)
 
     assert proc.returncode == 3

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-from tests.conftest import results, send
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import results, send, spawn_worker
 
 
 def _free_port() -> int:
@@ -45,28 +39,9 @@ def _wait_for(url: str, predicate, timeout: float = 120) -> tuple[int, str]:
     raise AssertionError(f"timed out on {url}: last {status} {body}")
 
 
-def _spawn(env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "MODEL": "tiny",
-        "DEVICE": "cpu",
-        "WAIT_TIME_SECONDS": "1",
-        "LOG_FORMAT": "json",
-        **env_extra,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_healthz_ready_and_metrics_count_jobs(stack):
     port = _free_port()
-    proc = _spawn({**stack.env(), "METRICS_PORT": str(port)})
+    proc = spawn_worker(stack, METRICS_PORT=port)
     try:
         base = f"http://127.0.0.1:{port}"
         status, body = _wait_for(f"{base}/healthz", lambda s, b: s == 200)
@@ -112,13 +87,12 @@ def test_healthz_ready_and_metrics_count_jobs(stack):
 def test_healthz_is_503_while_the_queue_is_unreachable(stack):
     port = _free_port()
     dead = _free_port()  # nothing listens here
-    env = {
-        **stack.env(),
-        "METRICS_PORT": str(port),
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{dead}",
-        "QUEUE_URL": f"http://127.0.0.1:{dead}/123456789012/nowhere",
-    }
-    proc = _spawn(env)
+    proc = spawn_worker(
+        stack,
+        METRICS_PORT=port,
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{dead}",
+        QUEUE_URL=f"http://127.0.0.1:{dead}/123456789012/nowhere",
+    )
     try:
         # Once the model is loaded the only thing missing is the queue.
         status, body = _wait_for(
