@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,25 @@ def test_unreadable_profile_is_a_boot_error_naming_the_file(tmp_path):
     bad.write_text('{"schema_version": 1}')
     with pytest.raises(BootError, match="bad.json"):
         read_profile(settings(benchmark_profile=str(bad)))
+
+
+PROFILES = Path(__file__).resolve().parent.parent / "benchmarks" / "profiles"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("h100-klein-4b-bf16.json", ("klein-4b", "none")), ("h100-klein-9b-fp8.json", ("klein-9b", "fp8"))],
+)
+def test_committed_h100_profiles_drive_the_worker(name, expected):
+    # The profiles measured on a lent H100 are what an operator mounts as BENCHMARK_PROFILE:
+    # they must validate, pick their own variant and give the measured limits.
+    path = str(PROFILES / name)
+    s = settings(model="auto", benchmark_profile=path, allow_non_commercial=True)
+    profile = read_profile(s)
+    assert profile is not None and profile.gpu is not None and "H100" in profile.gpu.name
+    assert profile.variant.random_weights and profile.rest_vram is not None
+    variant = choose_variant(s, [gpu("NVIDIA H100 80GB HBM3", 80, 79, (9, 0))], profile)
+    assert (variant.model, variant.quantization) == expected
+    limits = limits_for(s)
+    assert limits.max_references == profile.limits.max_references_default == 16
+    assert limits.max_batch == min(Settings().max_batch, profile.limits.max_batch)
