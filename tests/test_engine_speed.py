@@ -136,6 +136,31 @@ def test_regional_compilation_traces_whole_graphs(plain_images: np.ndarray) -> N
     np.testing.assert_allclose(_pipeline_image(pipeline), plain_images, atol=1e-5)
 
 
+def test_compiled_warm_up_covers_the_shapes_jobs_bring() -> None:
+    # A graph compiled during a job stalls it for seconds to minutes (the boot pays them instead).
+    # backend="eager" runs dynamo's tracing and guards, which decide recompiles, without codegen.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    engine = create_klein_engine(model="tiny")
+    compile_pipeline(engine.pipeline, backend="eager")
+    engine.compiled = True
+    engine.warm_up()
+    after_warm_up = counters["stats"]["unique_graphs"]
+    assert after_warm_up > 0
+    for batch, width, height in ((1, 1024, 1024), (4, 1024, 1024), (3, 768, 512), (1, 512, 1024)):
+        engine.generate(
+            prompts=["x"] * batch,
+            seeds=list(range(batch)),
+            references=[],
+            width=width,
+            height=height,
+            num_steps=1,
+            guidance_scale=1.0,
+        )
+        assert counters["stats"]["unique_graphs"] == after_warm_up, f"recompiled at {batch}x{width}x{height}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_tiny_engine_on_cuda() -> None:

@@ -56,8 +56,11 @@ WARMUP_STEPS = 1
 
 # warm_up() of a compiled engine: (batch, width, height). Batch 1 then 2, non-square, so the
 # shape-generic (dynamic=True) graphs are built at boot: dynamo specialises sizes 0/1 and equal
-# sizes, and each shape class it meets later would otherwise recompile during a job.
-COMPILED_WARMUP: tuple[tuple[int, int, int], ...] = ((1, 512, 384), (2, 384, 512))
+# sizes, and each shape class it meets later would otherwise recompile during a job. Then the
+# serving size: the guards dynamo adds for the convolution backend choice are size thresholds
+# that the small shapes stay under, and on an H100 the first 1024x1024 call still compiled a
+# graph (BENCHMARKS.md); warmed here, that compile is boot time and not a job's.
+COMPILED_WARMUP: tuple[tuple[int, int, int], ...] = ((1, 512, 384), (2, 384, 512), (1, 1024, 1024))
 
 
 class KleinEngine:
