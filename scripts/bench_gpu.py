@@ -228,7 +228,13 @@ def measure_upscale(args: argparse.Namespace, device: torch.device, meter: Meter
         from handlers.engines.random_weights import realesrgan_state_dict
 
         def make(tile: int) -> Upscaler:
-            return Upscaler(sources={4: lambda: realesrgan_state_dict(4)}, device=device, tile_size=tile)
+            # A free-memory reading of 0 keeps the tiles (the worker runs untiled when it fits).
+            return Upscaler(
+                sources={4: lambda: realesrgan_state_dict(4)},
+                device=device,
+                tile_size=tile,
+                free_memory=lambda: 0,
+            )
 
         side, tiles = args.size, (DEFAULT_TILE_SIZE, 0)
     pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)

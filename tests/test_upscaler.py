@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from spandrel.architectures.ESRGAN import ESRGAN
 
+from handlers.engines.tiling import _spans
 from handlers.engines.upscaler import (
     REALESRGAN_X2PLUS_URL,
     REALESRGAN_X4PLUS_URL,
+    UNTILED_BYTES_PER_OUTPUT_PIXEL,
     Upscaler,
-    _spans,
     create_upscaler,
     tiny_state_dict,
 )
@@ -216,3 +218,66 @@ def test_official_weight_urls() -> None:
         url.startswith("https://github.com/xinntao/Real-ESRGAN/releases/download/")
         for url in (REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL)
     )
+
+
+def _upscaler_with_free(free_bytes: int) -> Upscaler:
+    return Upscaler(
+        sources={4: lambda: tiny_state_dict(4)},
+        device=torch.device("cpu"),
+        tile_size=40,
+        tile_overlap=12,
+        free_memory=lambda: free_bytes,
+    )
+
+
+def test_runs_untiled_when_free_memory_holds_it_and_tiled_when_not() -> None:
+    # Untiled is twice as fast on an H100 (BENCHMARKS.md); tiles only where memory is short.
+    image = _noise_image(100, 76, seed=3)
+    whole = create_upscaler(model="tiny", weights_x2=None, weights_x4=None, tile_size=0).upscale(image, 4)
+    tiled = create_upscaler(
+        model="tiny", weights_x2=None, weights_x4=None, tile_size=40, tile_overlap=12
+    ).upscale(image, 4)
+    assert not np.array_equal(_pixels(whole), _pixels(tiled))  # the two paths are told apart
+    needed = 400 * 304 * UNTILED_BYTES_PER_OUTPUT_PIXEL
+    roomy, tight = _upscaler_with_free(needed), _upscaler_with_free(needed - 1)
+    assert roomy.tile_for(100, 76, 4) == 0 and tight.tile_for(100, 76, 4) == 40
+    np.testing.assert_array_equal(_pixels(roomy.upscale(image, 4)), _pixels(whole))
+    np.testing.assert_array_equal(_pixels(tight.upscale(image, 4)), _pixels(tiled))
+
+
+@pytest.fixture
+def oom_above_tile():
+    """Every ESRGAN forward on an input bigger than a 40 px tile plus its 2x12 px context raises
+    torch's out-of-memory error, as a GPU short of memory would; returns the sizes it was called with."""
+    calls: list[tuple[int, int]] = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, ESRGAN):
+            height, width = args[0].shape[-2:]
+            calls.append((height, width))
+            if max(height, width) > 40 + 2 * 12:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    yield calls
+    handle.remove()
+
+
+def test_untiled_out_of_memory_retries_the_same_image_in_tiles(
+    oom_above_tile: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = _noise_image(100, 76, seed=3)
+    expected = _pixels(_upscaler_with_free(0).upscale(image, 4))  # tiled
+    oom_above_tile.clear()
+    result = _upscaler_with_free(1 << 40).upscale(image, 4)
+    np.testing.assert_array_equal(_pixels(result), expected)
+    assert oom_above_tile[0] == (76, 100) and len(oom_above_tile) == 1 + 6  # untiled, then six tiles
+    assert "retrying in 40 px tiles" in caplog.text
+
+
+def test_tiled_out_of_memory_is_raised_for_the_handler(oom_above_tile: list) -> None:
+    upscaler = Upscaler(
+        sources={4: lambda: tiny_state_dict(4)}, device=torch.device("cpu"), tile_size=80, tile_overlap=12
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        upscaler.upscale(_noise_image(100, 76), 4)

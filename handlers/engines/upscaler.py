@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from PIL import Image
 from spandrel import ImageModelDescriptor, ModelLoader
 from spandrel.architectures.ESRGAN import ESRGAN
 
+from handlers.engines.tiling import run_tiled
 from handlers.engines.weights import is_url, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,14 @@ REALESRGAN_X4PLUS_URL = (
 DEFAULT_WEIGHTS: dict[int, str] = {2: REALESRGAN_X2PLUS_URL, 4: REALESRGAN_X4PLUS_URL}
 SCALES = (2, 4)
 
-# Input tile side. 512 keeps x4 at ~2 GB of VRAM in fp16, next to a resident klein model;
-# 1024 untiled would peak near 9 GB (see the reference measurements).
+# Input tile side, used when the whole image does not fit in free VRAM. Measured on an H100
+# (BENCHMARKS.md), x4 of 1024x1024 in fp16 next to klein-4B: 512 px tiles 0.625 s and 1.3 GiB
+# above klein at rest; untiled 0.334 s and 4.0 GiB. So untiled runs whenever it fits.
 DEFAULT_TILE_SIZE = 512
+# Untiled VRAM per output pixel: the 4.0 GiB of a 4096x4096 output is ~260 bytes; the margin
+# covers the x2 model's pixel-unshuffle layout and allocator rounding. An estimate that is still
+# too low costs one out-of-memory, after which the same image runs tiled.
+UNTILED_BYTES_PER_OUTPUT_PIXEL = 320
 # Context shared by neighbouring tiles, blended with linear ramps so no seam shows.
 DEFAULT_TILE_OVERLAP = 32
 
@@ -119,16 +124,49 @@ class Upscaler:
             tensor = tensor.to(descriptor.dtype).div_(255.0)
             if self.device.type == "cuda":
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
-            output = run_tiled(
+            tile = self.tile_for(image.width, image.height, scale)
+            output = self._run(descriptor, tensor, scale, tile)
+            if output is None:  # untiled ran out of memory; the failed attempt's tensors are gone now
+                logger.warning(
+                    "upscale x%d of %dx%d untiled ran out of memory; retrying in %d px tiles",
+                    scale,
+                    image.width,
+                    image.height,
+                    self.tile_size,
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                output = self._run(descriptor, tensor, scale, self.tile_size)
+                assert output is not None
+            result = output[0].clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(result)
+
+    def tile_for(self, width: int, height: int, scale: int) -> int:
+        """The tile side for this upscale: 0 (one piece, twice as fast) when the untiled estimate
+        fits in the free VRAM, else the configured tiles. Without a VRAM reading (CPU), as configured."""
+        if self.tile_size <= 0 or self.free_memory is None:
+            return self.tile_size
+        needed = width * height * scale * scale * UNTILED_BYTES_PER_OUTPUT_PIXEL
+        return 0 if self.free_memory() >= needed else self.tile_size
+
+    def _run(
+        self, descriptor: ImageModelDescriptor, tensor: torch.Tensor, scale: int, tile: int
+    ) -> torch.Tensor | None:
+        """``run_tiled`` with ``tile``; None when an untiled attempt runs out of memory (a tiled
+        one re-raises: the handler reports ``out_of_memory``)."""
+        try:
+            return run_tiled(
                 descriptor,
                 tensor,
                 scale=scale,
-                tile_size=self.tile_size,
+                tile_size=tile,
                 overlap=self.tile_overlap,
                 align=descriptor.size_requirements.multiple_of,
             )
-            result = output[0].clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(result)
+        except torch.OutOfMemoryError:
+            if tile == self.tile_size:
+                raise
+            return None
 
     def release(self) -> None:
         """Drop every loaded model and hand cached GPU memory back."""
@@ -166,69 +204,6 @@ def cuda_free_bytes(device: torch.device) -> int:
     caching allocator holds but does not use (klein, in this process, reuses them directly)."""
     free, _total = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def run_tiled(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    *,
-    scale: int,
-    tile_size: int,
-    overlap: int,
-    align: int = 1,
-) -> torch.Tensor:
-    """Apply ``model`` to (1, C, H, W) ``image`` tile by tile, blending the seams.
-
-    The image is cut into cores of at most ``tile_size`` pixels; each tile is its core plus
-    ``overlap`` pixels of context on every inner side (Real-ESRGAN's tile_pad). Across the
-    2 x ``overlap`` band that neighbours share, their outputs cross-fade linearly, so a tile's
-    poorly-contexted border counts least and no seam shows. Cuts fall on multiples of ``align``
-    so pixel-unshuffle models see the same pixel grid as untiled. A ``tile_size`` of 0, or an
-    image no bigger than one tile, runs in one piece.
-    """
-    _, _, height, width = image.shape
-    if tile_size <= 0 or (height <= tile_size and width <= tile_size):
-        return model(image)
-    output: torch.Tensor | None = None
-    weight = image.new_zeros((1, 1, height * scale, width * scale))
-    for top, bottom in _spans(height, tile_size, overlap, align):
-        for left, right in _spans(width, tile_size, overlap, align):
-            piece = model(image[:, :, top:bottom, left:right])
-            if output is None:
-                output = image.new_zeros((1, piece.shape[1], height * scale, width * scale))
-            ramp_y = _ramp(bottom - top, 2 * overlap * scale, scale, top > 0, bottom < height, image)
-            ramp_x = _ramp(right - left, 2 * overlap * scale, scale, left > 0, right < width, image)
-            mask = ramp_y[:, None] * ramp_x[None, :]
-            rows = slice(top * scale, bottom * scale)
-            cols = slice(left * scale, right * scale)
-            output[:, :, rows, cols] += piece * mask
-            weight[:, :, rows, cols] += mask
-    assert output is not None
-    return output / weight
-
-
-def _spans(length: int, tile: int, overlap: int, align: int) -> list[tuple[int, int]]:
-    """(start, end) of the tiles along one axis: even cores of at most ``tile``, plus context."""
-    if length <= tile:
-        return [(0, length)]
-    count = math.ceil(length / tile)
-    cuts = [round(i * length / count) // align * align for i in range(count)] + [length]
-    pad = math.ceil(overlap / align) * align  # keeps tile origins on the grid too
-    return [(max(0, cuts[i] - pad), min(length, cuts[i + 1] + pad)) for i in range(count)]
-
-
-def _ramp(size: int, band: int, scale: int, lead: bool, trail: bool, like: torch.Tensor) -> torch.Tensor:
-    """Per-output-pixel weights along one axis of a tile: rising across ``band`` at inner edges."""
-    ramp = like.new_ones(size * scale, dtype=torch.float32)
-    band = min(band, size * scale // 2)
-    if band > 0:
-        # Strictly positive, so a pixel covered by one tile only still gets a weight.
-        rising = (torch.arange(band, device=like.device, dtype=torch.float32) + 0.5) / band
-        if lead:
-            ramp[:band] = torch.minimum(ramp[:band], rising)
-        if trail:
-            ramp[-band:] = torch.minimum(ramp[-band:], rising.flip(0))
-    return ramp.to(like.dtype)
 
 
 def random_realesrgan(scale: int, *, num_filters: int, num_blocks: int, seed: int = 0) -> ESRGAN:
