@@ -189,3 +189,26 @@ def test_gpu_benchmark_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [row["tile"] for row in report["upscale_x4"]] == [32, None]
     assert report["args"]["model"] == "tiny"
     assert "| engine none |" in capsys.readouterr().out  # the markdown table
+
+
+def test_gpu_benchmark_compiled_stage_traces_on_the_cpu(tmp_path: Path) -> None:
+    # The compiled stage with dynamo's eager backend: the code path a GPU run takes, with the
+    # boot cost split in two. (Whether the 64 px smoke shapes recompile depends on the CPU's
+    # convolution-backend guards, so only the count's presence is checked here.)
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert (
+        bench.main(
+            ["--smoke", "--compile-backend", "eager", "--skip-plain", "--skip-upscale", "--json", str(out)]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert [stage["stage"] for stage in report["stages"]] == ["engine none", "compiled none"]
+    assert report["compile_warmup_transformer_s"] > 0 and report["compile_warmup_vae_s"] > 0
+    assert report["compile_warmup_s"] == pytest.approx(
+        report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
+    )
+    assert isinstance(report["stages"][1]["graphs_compiled_during_runs"], int)

@@ -101,10 +101,15 @@ def test_healthz_is_503_while_the_queue_is_unreachable(stack):
         detail = json.loads(body)
         assert detail["ready"] is False and detail["queue_reachable"] is False
         assert proc.poll() is None  # a queue outage does not kill the worker
+        time.sleep(5)  # the retry after the first 2 s pause fails too
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0
+    failures = [json.loads(line) for line in stderr.splitlines() if '"receive failed' in line]
+    assert [entry["msg"].split(" (")[1].split(" ")[0] for entry in failures[:2]] == ["1", "2"]
+    assert "Could not connect" in failures[1]["msg"]  # each retry names the cause in one line
+    assert ["exc" in entry for entry in failures] == [True] + [False] * (len(failures) - 1)
 
 
 def _png() -> bytes:

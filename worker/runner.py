@@ -129,10 +129,18 @@ class Runner:
         """One long poll; None when the queue could not be reached (logged, retried after a pause)."""
         try:
             messages = self._source.receive(max_messages=1, wait_seconds=self._wait)
-        except Exception:  # loop boundary: a queue outage must not end the worker
+        except Exception as exc:  # loop boundary: a queue outage must not end the worker
             self.poll_failures += 1
             pause = min(QUEUE_ERROR_PAUSE_MAX, 2 ** min(self.poll_failures, 5))
-            log.exception("receive failed (%d in a row); retrying in %d s", self.poll_failures, pause)
+            # The traceback once per outage; after that one line per retry (an outage can last
+            # hours, and a botocore traceback is ~5 KB).
+            log.warning(
+                "receive failed (%d in a row): %s; retrying in %d s",
+                self.poll_failures,
+                exc,
+                pause,
+                exc_info=self.poll_failures == 1,
+            )
             self._stopping.wait(pause)
             return None
         self.poll_failures = 0
