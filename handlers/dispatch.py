@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from handlers.errors import OutOfMemory
+from handlers.errors import JobError, OutOfMemory
 
 if TYPE_CHECKING:
     from handlers.engines.klein import KleinEngine
@@ -21,15 +21,35 @@ class Engines:
 
     ``gpu`` serialises model work: the runner keeps two jobs in hand so that one job's I/O
     overlaps the other's inference, never two inferences competing for the same memory.
+    With PRELOAD_MODELS=false, ``klein`` starts as None and ``load_klein`` creates it for the
+    first generate job (an upscale-only worker never loads it).
     """
 
     klein: KleinEngine | None
     upscaler: Upscaler | None
     gpu: threading.Lock = field(default_factory=threading.Lock)
+    load_klein: Callable[[], KleinEngine] | None = None
+    label: str | None = None  # the variant's name before its engine exists
 
     @property
     def model_name(self) -> str:
-        return self.klein.name if self.klein is not None else "none"
+        if self.klein is not None:
+            return self.klein.name
+        return self.label or "none"
+
+    @property
+    def can_generate(self) -> bool:
+        return self.klein is not None or self.load_klein is not None
+
+    def generation_engine(self) -> KleinEngine:
+        """The klein engine, created on first use when it was not preloaded. Call with ``gpu``
+        held: loading takes the GPU's memory and time like an inference does."""
+        if self.klein is None:
+            if self.load_klein is None:
+                raise JobError("this worker has no generation model", code="internal", retryable=True)
+            self.klein = self.load_klein()
+            self.load_klein = None
+        return self.klein
 
     def free_memory(self) -> None:
         if self.klein is not None:

@@ -28,8 +28,8 @@ MAX_SEED = 2**63 - 1 - 64  # seed + i must stay a valid 64-bit generator seed
 
 def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> GenerateOutput:
     started = time.perf_counter()
-    if engines.klein is None:
-        raise JobError("this worker has no generation model loaded", code="internal", retryable=True)
+    if not engines.can_generate:
+        raise JobError("this worker has no generation model", code="internal", retryable=True)
 
     # 1. Seeds: random when absent, always reported; image i uses seed + i.
     base_seed = inp.seed if inp.seed is not None else secrets.randbelow(2**32)
@@ -44,7 +44,7 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
     t0 = time.perf_counter()
     try:
         with engines.gpu:
-            images = engines.klein.generate(
+            images = engines.generation_engine().generate(
                 prompts=list(inp.prompts),
                 seeds=seeds,
                 references=references,

@@ -106,7 +106,10 @@ def build_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler]:
     from worker.config import Settings
 
     settings = Settings(
-        model=args.model, quantization=args.quantization, device=args.device, preload_models=False
+        model=args.model,
+        quantization=args.quantization,
+        device=args.device,
+        torch_compile=False,  # measured eager, like --random-weights (see BENCHMARKS.md for compiled)
     )
     engines = worker_build_engines(settings, Variant(args.model, args.quantization, args.device, "benchmark"))
     assert engines.klein is not None and engines.upscaler is not None

@@ -60,7 +60,7 @@ def engines() -> Any:
     from worker.boot import Variant, build_engines
     from worker.config import Settings
 
-    settings = Settings(model="tiny", device="cpu", preload_models=False)
+    settings = Settings(model="tiny", device="cpu")
     return build_engines(settings, Variant("tiny", "none", "cpu", "tests"))
 
 

@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.conftest import results, send, spawn_worker
+from tests.conftest import results, s3_image, send, spawn_worker
 
 
 def _free_port() -> int:
@@ -47,6 +47,7 @@ def test_healthz_ready_and_metrics_count_jobs(stack):
         status, body = _wait_for(f"{base}/healthz", lambda s, b: s == 200)
         assert json.loads(body) == {
             "ready": True,
+            "booted": True,
             "model_loaded": True,
             "queue_reachable": True,
             "last_poll_age_s": json.loads(body)["last_poll_age_s"],
@@ -82,6 +83,49 @@ def test_healthz_ready_and_metrics_count_jobs(stack):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_without_preload_the_model_loads_with_the_first_generate_job(stack):
+    # PRELOAD_MODELS=false: ready at once, an upscale job never loads klein, a generate job does.
+    port = _free_port()
+    proc = spawn_worker(stack, METRICS_PORT=port, PRELOAD_MODELS="false")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _, body = _wait_for(f"{base}/healthz", lambda s, b: s == 200)
+        assert json.loads(body)["model_loaded"] is False
+        stack.client("s3").put_object(Bucket=stack.bucket, Key="lazy/in.png", Body=_png())
+        upscale = {
+            "image_url": stack.presign_get("lazy/in.png"),
+            "upload_url": stack.presign_put("lazy/up.png"),
+        }
+        send(stack, {"id": "up", "type": "upscale", "input": {**upscale, "scale": 2}})
+        (result,) = results(stack, expected=1)
+        assert result["status"] == "succeeded" and result["model"] == "flux2-klein-tiny"
+        _, metrics = _get(f"{base}/metrics")
+        assert "klein_model_loaded 0.0" in metrics
+        assert json.loads(_get(f"{base}/healthz")[1])["model_loaded"] is False
+
+        put = stack.presign_put("lazy/gen.png")
+        send(
+            stack,
+            {
+                "id": "gen",
+                "type": "generate",
+                "input": {"prompts": ["a fox"], "upload_urls": [put], "width": 256, "height": 320},
+            },
+        )
+        (result,) = results(stack, expected=1)
+        assert result["status"] == "succeeded"
+        assert s3_image(stack, "lazy/gen.png")[0].size == (256, 320)
+        _, metrics = _get(f"{base}/metrics")
+        assert "klein_model_loaded 1.0" in metrics
+        assert json.loads(_get(f"{base}/healthz")[1])["model_loaded"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    ready = [json.loads(line) for line in stderr.splitlines() if '"event": "ready"' in line]
+    assert [entry["preloaded"] for entry in ready] == [False]
 
 
 def test_healthz_is_503_while_the_queue_is_unreachable(stack):

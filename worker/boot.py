@@ -122,23 +122,32 @@ def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
 
 
 def build_engines(settings: Settings, variant: Variant) -> Engines:
-    """Create the engines (loading weights when PRELOAD_MODELS) and run one warm-up generation."""
-    from handlers.engines.klein import create_klein_engine
+    """Create the engines. With PRELOAD_MODELS (the default) klein loads and runs its warm-up
+    here, before the first job; without, the first generate job loads it. The upscaler always
+    loads on demand."""
+    from handlers.engines.klein import KleinEngine, create_klein_engine
     from handlers.engines.upscaler import create_upscaler
 
     started = time.perf_counter()
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
     compile_ = settings.torch_compile if settings.torch_compile is not None else variant.device == "cuda"
-    klein = create_klein_engine(
-        model=variant.model,
-        model_path=settings.model_path,
-        quantization=variant.quantization,
-        device=variant.device,
-        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-        cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
-        compile=compile_,
-        nunchaku_transformer=settings.nunchaku_transformer_path,
-    )
+
+    def load_klein() -> KleinEngine:
+        loading = time.perf_counter()
+        engine = create_klein_engine(
+            model=variant.model,
+            model_path=settings.model_path,
+            quantization=variant.quantization,
+            device=variant.device,
+            hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+            cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
+            compile=compile_,
+            nunchaku_transformer=settings.nunchaku_transformer_path,
+        )
+        engine.warm_up()
+        log.info("%s loaded in %.1f s", engine.name, time.perf_counter() - loading)
+        return engine
+
     upscaler = create_upscaler(
         model="tiny" if variant.model == "tiny" else "real",
         weights_x2=settings.upscaler_weights_x2,
@@ -148,14 +157,24 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
     )
     if settings.preload_models:
-        klein.warm_up()
+        engines = Engines(klein=load_klein(), upscaler=upscaler, label=variant.label)
+    else:
+        engines = Engines(klein=None, upscaler=upscaler, load_klein=load_klein, label=variant.label)
     load_s = time.perf_counter() - started
     log.info(
-        "ready: %s on %s in %.1f s (%s)",
+        "ready: %s on %s in %.1f s (%s)%s",
         variant.label,
         variant.device,
         load_s,
         variant.reason,
-        extra={"job": {"event": "ready", "model": variant.label, "load_s": round(load_s, 2)}},
+        "" if settings.preload_models else "; PRELOAD_MODELS=false: loads on the first generate job",
+        extra={
+            "job": {
+                "event": "ready",
+                "model": variant.label,
+                "load_s": round(load_s, 2),
+                "preloaded": settings.preload_models,
+            }
+        },
     )
-    return Engines(klein=klein, upscaler=upscaler)
+    return engines

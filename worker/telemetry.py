@@ -85,18 +85,24 @@ class Telemetry:
             registry=self.registry,
         )
         self.model_load = Gauge("klein_model_load_seconds", "Model load + warm-up", registry=self.registry)
-        self.model_loaded = Gauge("klein_model_loaded", "1 once the model is ready", registry=self.registry)
+        self.model_loaded = Gauge(
+            "klein_model_loaded", "1 while the generation model is in memory", registry=self.registry
+        )
         self.registry.register(_GpuMemoryCollector(gpu_memory))
         self.last_poll_ok: Callable[[], float | None] = lambda: None
-        self.loaded = False
+        self.booted = False
+        self.loaded: Callable[[], bool] = lambda: False
         self._server: ThreadingHTTPServer | None = None
 
     # -- observations ------------------------------------------------------------------------
 
-    def model_ready(self, load_seconds: float) -> None:
+    def model_ready(self, load_seconds: float, *, loaded: Callable[[], bool] | None = None) -> None:
+        """Boot is done and jobs can be taken. ``loaded`` says whether the generation model is in
+        memory (with PRELOAD_MODELS=false it loads with the first generate job); default: it is."""
         self.model_load.set(load_seconds)
-        self.model_loaded.set(1)
-        self.loaded = True
+        self.booted = True
+        self.loaded = loaded or (lambda: True)
+        self.model_loaded.set_function(lambda: 1.0 if self.loaded() else 0.0)
 
     def observe(self, status: str, fields: dict[str, Any]) -> None:
         job_type = fields.get("type") or "unknown"
@@ -113,11 +119,12 @@ class Telemetry:
     # -- health ------------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        loaded = self.loaded
+        loaded = self.loaded()
         last = self.last_poll_ok()
         age = None if last is None else time.monotonic() - last
         queue_ok = age is not None and age < HEALTHY_POLL_AGE
-        return loaded and queue_ok, {
+        return self.booted and queue_ok, {
+            "booted": self.booted,
             "model_loaded": loaded,
             "queue_reachable": queue_ok,
             "last_poll_age_s": None if age is None else round(age, 1),
