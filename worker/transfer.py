@@ -57,9 +57,10 @@ _NETWORK_ERRORS = (
 class _Transient(Exception):
     """One attempt failed in a way a later attempt may not; ``reason`` is safe to log."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.timed_out = timed_out
 
 
 class TransferClient:
@@ -183,7 +184,9 @@ class TransferClient:
             if len(buffer) > limit:
                 raise InvalidInput(too_large)
             if time.monotonic() > deadline:
-                raise _Transient(f"slower than the {self.download_deadline_seconds:g} s download deadline")
+                raise _Transient(
+                    f"slower than the {self.download_deadline_seconds:g} s download deadline", timed_out=True
+                )
         return bytes(buffer)
 
     def _send(
@@ -218,13 +221,16 @@ class TransferClient:
     ) -> T:
         shown = redact_url(url)
         reason = "no attempt made"
+        timed_out = False
         for attempt in range(1, self._attempts + 1):
             try:
                 return attempt_once()
             except _NETWORK_ERRORS as exc:
                 reason = type(exc).__name__
+                timed_out = isinstance(exc, requests.Timeout)
             except _Transient as exc:
                 reason = exc.reason
+                timed_out = exc.timed_out
             except requests.RequestException as exc:
                 # Malformed URL or headers and the like: another attempt would fail the same way.
                 # ``from None``: requests' message holds the full URL, signature included.
@@ -236,8 +242,12 @@ class TransferClient:
             )
             if attempt < self._attempts:
                 time.sleep(self._backoff * 2 ** (attempt - 1))
+        # The contract's `timeout` code when the last attempt ran out of time (the connect or read
+        # timeout, or the download deadline); the message still says which transfer it was.
         raise error(
-            f"{field}: {action} of {shown} failed after {self._attempts} attempts: {reason}", retryable=True
+            f"{field}: {action} of {shown} failed after {self._attempts} attempts: {reason}",
+            code="timeout" if timed_out else None,
+            retryable=True,
         )
 
 
