@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from handlers.engines.klein import create_klein_engine, prompt_settings
+from handlers.engines.klein import create_klein_engine, prompt_settings, to_pil
 from handlers.engines.speed import compile_pipeline, fuse_qkv, truncate_text_encoder
 from handlers.engines.tiny import build_tiny_pipeline
 
@@ -212,3 +212,17 @@ def test_gpu_benchmark_compiled_stage_traces_on_the_cpu(tmp_path: Path) -> None:
         report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
     )
     assert isinstance(report["stages"][1]["graphs_compiled_during_runs"], int)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_device_side_pil_conversion_is_bit_identical_to_diffusers(dtype: torch.dtype) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    images[0, :, 0, :4] = torch.tensor([0.0, 1.0, 0.5 / 255, 1.5 / 255])  # edges and exact halves
+    ours = to_pil(images)
+    theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    assert [image.size for image in ours] == [(64, 96), (64, 96)]
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.mode == reference.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference))
