@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per size, after one warm-up")
     parser.add_argument("--upscale-input", type=int, default=1024, help="upscaler input side; 0 skips it")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the engine as the worker does on CUDA (adds minutes of compiling; "
+        "the latencies are then the served ones, which the fleet's throughput estimate reads)",
+    )
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.runs < 1 or args.ref_side < 64 or args.upscale_input < 0:
@@ -98,7 +104,7 @@ def build_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler]:
         from handlers.engines.random_weights import create_random_klein_engine, create_random_upscaler
 
         engine = create_random_klein_engine(
-            model=args.model, quantization=args.quantization, device=args.device
+            model=args.model, quantization=args.quantization, device=args.device, compile=args.compile
         )
         return engine, create_random_upscaler(device=args.device)
     from worker.boot import Variant
@@ -109,7 +115,7 @@ def build_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler]:
         model=args.model,
         quantization=args.quantization,
         device=args.device,
-        torch_compile=False,  # measured eager, like --random-weights (see BENCHMARKS.md for compiled)
+        torch_compile=args.compile,
     )
     engines = worker_build_engines(settings, Variant(args.model, args.quantization, args.device, "benchmark"))
     assert engines.klein is not None and engines.upscaler is not None
@@ -120,6 +126,9 @@ def markdown_table(profile: BenchmarkProfile) -> str:
     """The seed-table layout of shared/reference/flux2-klein.md, one column for this run."""
     steps = profile.settings.steps
     rows = [("card", profile.gpu.name if profile.gpu else "CPU")]
+    run = profile.settings
+    compiled = f"yes, {run.compile_warmup_s:.1f} s of warm-up" if run.compile_warmup_s else "yes"
+    rows.append(("torch.compile", compiled if run.compiled else "no (eager)"))
     if profile.rest_vram:
         rows.append(
             ("VRAM at rest", _gib(profile.rest_vram.torch_allocated_bytes, profile.rest_vram.nvml_used_bytes))

@@ -6,7 +6,8 @@
 #
 # Measured 2026-11-23 on an H100: tests ~3 min (the compiled tiny engine), bench-4b 335 s,
 # vram-4b 110 s, vram-9b 159 s; the FP8 compiled stages need over 5 min of compiling.
-# Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-9b (see the case below). Each
+# Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b (see the
+# case below). Each
 # step runs under its own time limit (SECONDS, else its default) with its output in
 # OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is reported and
 # the next one still runs, so one bug does not cost the whole GPU lease. The figures these write
@@ -61,6 +62,11 @@ for spec in "$@"; do
     vram-4b)
         run_step "$name" "${limit:-300}" "$python" scripts/benchmark_vram.py --model klein-4b \
             --quantization none --random-weights --output "$out/$card-klein-4b-bf16.json"
+        ;;
+    vram-4b-compiled)
+        run_step "$name" "${limit:-600}" "$python" scripts/benchmark_vram.py --model klein-4b \
+            --quantization none --random-weights --compile \
+            --output "$out/$card-klein-4b-bf16-compiled.json"
         ;;
     vram-9b)
         run_step "$name" "${limit:-400}" "$python" scripts/benchmark_vram.py --model klein-9b \

@@ -253,3 +253,30 @@ def test_random_weight_configs_have_the_published_sizes():
     )
     assert upscaler.ensure_loaded(2) >= 0 and upscaler.ensure_loaded(4) >= 0
     assert upscaler.loaded_scales == [2, 4]
+
+
+def test_a_compiled_engine_is_warmed_before_anything_is_timed(bench, capsys):
+    # --compile on a GPU gives an engine with compiled=True; the eager backend stands in on CPU.
+    from handlers.engines.klein import create_klein_engine
+    from handlers.engines.speed import compile_pipeline
+    from handlers.engines.upscaler import create_upscaler
+
+    engine = create_klein_engine(model="tiny")
+    compile_pipeline(engine.pipeline, backend="eager")
+    engine.compiled = True
+    upscaler = create_upscaler(model="tiny", weights_x2=None, weights_x4=None)
+    args = bench.parse_args(
+        ["--model", "tiny", *SMALL, "--refs", "0", "--batches", "1", "--output", "x.json"]
+    )
+
+    profile = bench.run_benchmark(engine, upscaler, args)
+
+    assert profile.settings.compiled is True and profile.settings.compile_warmup_s > 0
+    assert "| torch.compile | yes, " in bench.markdown_table(profile)
+
+
+def test_compile_is_recorded_as_off_where_it_does_not_apply(bench, tmp_path):
+    out = tmp_path / "profile.json"
+    assert bench.main(["--model", "tiny", *SMALL, "--compile", "--output", str(out)]) == bench.EXIT_FITS
+    profile = load_profile(str(out))
+    assert (profile.settings.compiled, profile.settings.compile_warmup_s) == (False, None)  # CPU: eager

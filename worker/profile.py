@@ -73,6 +73,8 @@ class RunSettings(_Model):
     steps: int
     runs: int
     reference_side: int
+    compiled: bool = False  # --compile: measured as the worker serves on CUDA (TORCH_COMPILE)
+    compile_warmup_s: float | None = None  # what compiling cost before the measurements
 
 
 class RestVram(_Model):

@@ -242,6 +242,12 @@ def run_benchmark(engine: KleinEngine, upscaler: Upscaler, args: argparse.Namesp
     """Every measurement on the loaded ``engine``, then the limits and the recommendation."""
     meter = Meter(engine.device)
     gpu = gpu_section(engine.device)
+    compile_warmup_s = None
+    if engine.compiled:  # pay the compile before anything is timed; the worker's boot does the same
+        started = time.perf_counter()
+        engine.warm_up()
+        compile_warmup_s = round(time.perf_counter() - started, 2)
+        logger.info("compiled engine warmed up in %.1f s", compile_warmup_s)
     rest = meter.rest()
     series_size = target_size(args.resolutions) or args.resolutions[0]
     total = len(args.resolutions) * (1 + args.runs) + len(args.refs) + len(args.batches) + 2
@@ -266,7 +272,9 @@ def run_benchmark(engine: KleinEngine, upscaler: Upscaler, args: argparse.Namesp
         upscaled = measure_upscaler(upscaler, meter, args, advance)
     total_bytes = gpu.total_bytes if gpu else None
     return BenchmarkProfile(
-        **profile_identity(args, engine.device, gpu),
+        **profile_identity(
+            args, engine.device, gpu, compiled=engine.compiled, compile_warmup_s=compile_warmup_s
+        ),
         rest_vram=rest,
         resolutions=resolutions,
         references=references,
@@ -282,7 +290,12 @@ def run_benchmark(engine: KleinEngine, upscaler: Upscaler, args: argparse.Namesp
 
 
 def profile_identity(
-    args: argparse.Namespace, device: torch.device, gpu: GpuSection | None
+    args: argparse.Namespace,
+    device: torch.device,
+    gpu: GpuSection | None,
+    *,
+    compiled: bool = False,
+    compile_warmup_s: float | None = None,
 ) -> dict[str, Any]:
     from worker.boot import Variant
 
@@ -305,7 +318,13 @@ def profile_identity(
             device=str(device),
             random_weights=bool(args.random_weights and args.model != "tiny"),
         ),
-        "settings": RunSettings(steps=args.steps, runs=args.runs, reference_side=args.ref_side),
+        "settings": RunSettings(
+            steps=args.steps,
+            runs=args.runs,
+            reference_side=args.ref_side,
+            compiled=compiled,
+            compile_warmup_s=compile_warmup_s,
+        ),
     }
 
 
