@@ -7,10 +7,9 @@
 # Measured 2026-11-23 on an H100: tests ~3 min (the compiled tiny engine), bench-4b 335 s,
 # vram-4b 110 s, vram-9b 159 s; the FP8 compiled stages need over 5 min of compiling.
 # Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b (see the
-# case below). Each
-# step runs under its own time limit (SECONDS, else its default) with its output in
-# OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is reported and
-# the next one still runs, so one bug does not cost the whole GPU lease. The figures these write
+# case below). Each step runs under its own time limit (SECONDS, else its default) with its
+# output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
+# reported and the next one still runs, so one bug does not cost the whole GPU lease. The figures these write
 # go into BENCHMARKS.md and benchmarks/profiles/.
 set -u
 
