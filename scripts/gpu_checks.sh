@@ -9,8 +9,8 @@
 # Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b (see the
 # case below). Each step runs under its own time limit (SECONDS, else its default) with its
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
-# reported and the next one still runs, so one bug does not cost the whole GPU lease. The figures these write
-# go into BENCHMARKS.md and benchmarks/profiles/.
+# reported and the next one still runs, so one bug does not cost the whole GPU lease. The
+# figures go into BENCHMARKS.md and benchmarks/profiles/.
 set -u
 
 out=${1:?usage: gpu_checks.sh OUT_DIR STEP[:SECONDS]...}
