@@ -1,0 +1,148 @@
+"""Cold start: container start to the first finished job, measured on a real ``python -m worker`` process.
+
+A job is queued first (moto SQS + S3 on loopback, as in the demo), then the worker process starts;
+the clock runs from the spawn to the job's result on the result queue. The worker's own ``ready``
+log line splits that into boot (imports, GPU probe, weight load, warm-up/compile) and the first
+job. Repeated ``--runs`` times, each a fresh process; medians reported.
+
+    python scripts/bench_cold_start.py                                # tiny model, CPU
+    python scripts/bench_cold_start.py --save-tiny /tmp/klein-tiny    # tiny weights loaded from disk
+    python scripts/bench_cold_start.py --model klein-4b --model-path /models/klein-4b --size 1024
+    python scripts/bench_cold_start.py --model klein-4b --model-path ... --env TORCH_COMPILE=false
+
+With ``--save-tiny DIR`` the tiny pipeline is written with ``save_pretrained`` and the worker loads
+it as ``MODEL=klein-4b MODEL_PATH=DIR``: the disk-loading path a real deployment takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from worker.local import LocalStack, start_local_stack  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="MODEL for the worker (default tiny)")
+    parser.add_argument("--model-path", help="MODEL_PATH: a local diffusers folder")
+    parser.add_argument("--save-tiny", type=Path, help="write the tiny pipeline here and load it from disk")
+    parser.add_argument("--size", type=int, default=512, help="the first job's square size")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one result")
+    parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the worker")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def one_run(stack: LocalStack, env: dict[str, str], size: int, index: int, timeout: float) -> dict[str, Any]:
+    sqs = stack.client("sqs")
+    job = {
+        "id": f"cold-{index}",
+        "type": "generate",
+        "input": {
+            "prompts": ["a lighthouse on a cliff at dusk"],
+            "upload_urls": [stack.presign_put(f"cold/{index}.png")],
+            "width": size,
+            "height": size,
+            "seed": index,
+        },
+    }
+    sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
+    started_wall = time.time()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    result = None
+    try:
+        while result is None and time.perf_counter() - started < timeout:
+            if proc.poll() is not None:
+                break
+            reply = sqs.receive_message(QueueUrl=stack.result_queue_url, WaitTimeSeconds=1)
+            for message in reply.get("Messages", []):
+                result = json.loads(message["Body"])
+                sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
+        first_job_s = time.perf_counter() - started
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=120)
+    if result is None or result.get("status") != "succeeded":
+        raise SystemExit(f"run {index}: no succeeded result (exit {proc.returncode}):\n{stderr[-3000:]}")
+    ready = _ready_entry(stderr)
+    ready_s = datetime.fromisoformat(ready["ts"]).timestamp() - started_wall
+    return {
+        "to_ready_s": round(ready_s, 2),
+        "load_s": ready.get("load_s"),  # the worker's own figure: from boot start to ready
+        "to_first_result_s": round(first_job_s, 2),
+        "first_job_s": round(first_job_s - ready_s, 2),
+        "model": result.get("model"),
+    }
+
+
+def _ready_entry(stderr: str) -> dict[str, Any]:
+    for line in stderr.splitlines():
+        if '"event": "ready"' in line:
+            return json.loads(line)
+    raise SystemExit(f"the worker logged no ready event:\n{stderr[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model, model_path = args.model, args.model_path
+    if args.save_tiny:
+        from handlers.engines.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline().save_pretrained(args.save_tiny)
+        model, model_path = "klein-4b", str(args.save_tiny)
+    stack = start_local_stack(bucket="cold-start", queue="cold-start")
+    try:
+        env = {**os.environ, **stack.env(), "MODEL": model, "LOG_FORMAT": "json", "WAIT_TIME_SECONDS": "1"}
+        if model_path:
+            env["MODEL_PATH"] = model_path
+        if args.save_tiny and "DEVICE" not in env:
+            env["DEVICE"] = "cpu"
+        env.update(item.split("=", 1) for item in args.env)
+        runs = [one_run(stack, env, args.size, index, args.timeout) for index in range(args.runs)]
+    finally:
+        stack.stop()
+    report = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "runs": runs,
+        "median": {
+            key: statistics.median(run[key] for run in runs)
+            for key in ("to_ready_s", "to_first_result_s", "first_job_s")
+        },
+    }
+    print(json.dumps(report, indent=2))
+    median = report["median"]
+    print(
+        f"\n| {runs[0]['model']} | start -> ready {median['to_ready_s']:.1f} s "
+        f"| first job {median['first_job_s']:.1f} s "
+        f"| start -> first result {median['to_first_result_s']:.1f} s |"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

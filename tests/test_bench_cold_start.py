@@ -1,0 +1,27 @@
+"""scripts/bench_cold_start.py: a real worker process from spawn to its first result, from disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_cold_start.py"
+
+
+def test_cold_start_from_a_saved_folder_reaches_a_result(tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_cold_start", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cold.json"
+    folder = tmp_path / "klein"
+
+    assert bench.main(["--runs", "1", "--size", "256", "--save-tiny", str(folder), "--json", str(out)]) == 0
+
+    assert (folder / "model_index.json").is_file()  # written with save_pretrained, loaded as MODEL_PATH
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["model"] == "flux2-klein-4b-bf16"  # the real loading path, not MODEL=tiny
+    assert 0 < run["to_ready_s"] < run["to_first_result_s"]
+    assert run["first_job_s"] > 0 and run["load_s"] > 0
+    assert "start -> first result" in capsys.readouterr().out
