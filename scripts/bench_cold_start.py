@@ -11,7 +11,10 @@ job. Repeated ``--runs`` times, each a fresh process; medians reported.
     python scripts/bench_cold_start.py --model klein-4b --model-path ... --env TORCH_COMPILE=false
 
 With ``--save-tiny DIR`` the tiny pipeline is written with ``save_pretrained`` and the worker loads
-it as ``MODEL=klein-4b MODEL_PATH=DIR``: the disk-loading path a real deployment takes.
+it as ``MODEL=klein-4b MODEL_PATH=DIR``: the disk-loading path a real deployment takes. On a GPU,
+``--save-random klein-4b --save-dir DIR`` writes the full-size architecture with random weights
+(``random_weights.py``, ~16 GB for 4B) the same way: a true cold start from local disk without
+downloading the gated weights.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="MODEL for the worker (default tiny)")
     parser.add_argument("--model-path", help="MODEL_PATH: a local diffusers folder")
     parser.add_argument("--save-tiny", type=Path, help="write the tiny pipeline here and load it from disk")
+    parser.add_argument(
+        "--save-random", choices=("klein-4b", "klein-9b"), help="write this full-size random model (GPU)"
+    )
+    parser.add_argument("--save-dir", type=Path, help="where --save-random writes (and the worker loads)")
     parser.add_argument("--size", type=int, default=512, help="the first job's square size")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one result")
@@ -112,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
 
         build_tiny_pipeline().save_pretrained(args.save_tiny)
         model, model_path = "klein-4b", str(args.save_tiny)
+    elif args.save_random:
+        if args.save_dir is None:
+            raise SystemExit("--save-random needs --save-dir")
+        from handlers.engines.random_weights import build_random_pipeline
+
+        build_random_pipeline(args.save_random, device="cuda").save_pretrained(args.save_dir)
+        model, model_path = args.save_random, str(args.save_dir)
     stack = start_local_stack(bucket="cold-start", queue="cold-start")
     try:
         env = {**os.environ, **stack.env(), "MODEL": model, "LOG_FORMAT": "json", "WAIT_TIME_SECONDS": "1"}

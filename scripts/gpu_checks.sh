@@ -6,8 +6,8 @@
 #
 # Measured 2026-11-23 on an H100: tests ~3 min (the compiled tiny engine), bench-4b 335 s,
 # vram-4b 110 s, vram-9b 159 s; the FP8 compiled stages need over 5 min of compiling.
-# Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b (see the
-# case below). Each step runs under its own time limit (SECONDS, else its default) with its
+# Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b, cold-4b
+# (see the case below). Each step runs under its own time limit (SECONDS, else its default) with its
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
 # reported and the next one still runs, so one bug does not cost the whole GPU lease. The
 # figures go into BENCHMARKS.md and benchmarks/profiles/.
@@ -66,6 +66,11 @@ for spec in "$@"; do
         run_step "$name" "${limit:-600}" "$python" scripts/benchmark_vram.py --model klein-4b \
             --quantization none --random-weights --compile \
             --output "$out/$card-klein-4b-bf16-compiled.json"
+        ;;
+    cold-4b)
+        # Needs moto[server] importable (carry its wheels): the job queue and bucket are local.
+        run_step "$name" "${limit:-600}" "$python" scripts/bench_cold_start.py --save-random klein-4b \
+            --save-dir /tmp/klein-4b-random --size 1024 --runs 2 --json "$out/$name.json"
         ;;
     vram-9b)
         run_step "$name" "${limit:-400}" "$python" scripts/benchmark_vram.py --model klein-9b \
