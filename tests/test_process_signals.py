@@ -116,3 +116,15 @@ def test_a_machine_that_cannot_serve_fails_at_boot_with_a_clear_message(stack):
     assert proc.returncode == 3
     assert "cannot start" in stderr and "no NVIDIA GPU" in stderr and "MODEL=tiny" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("preload", ["true", "false"])
+def test_a_missing_quantization_backend_is_a_boot_error_either_way(stack, preload):
+    # nunchaku is never installed in the test environment (the PyPI package of that name is another
+    # project); with PRELOAD_MODELS=false the check still runs at boot, not in the first job.
+    proc = spawn_worker(stack, MODEL="klein-4b", QUANTIZATION="nunchaku-int4", PRELOAD_MODELS=preload)
+    _, stderr = proc.communicate(timeout=240)
+
+    assert proc.returncode == 3, stderr
+    assert "cannot start" in stderr and "nunchaku is not installed" in stderr
+    assert "Traceback" not in stderr

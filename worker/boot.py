@@ -126,6 +126,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     here, before the first job; without, the first generate job loads it. The upscaler always
     loads on demand."""
     from handlers.engines.klein import KleinEngine, create_klein_engine
+    from handlers.engines.quantize import UnsupportedQuantization, check_quantization
     from handlers.engines.upscaler import create_upscaler
 
     started = time.perf_counter()
@@ -156,10 +157,19 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         cache_dir=hf_home / "klein-worker" / "upscalers",
         keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
     )
-    if settings.preload_models:
-        engines = Engines(klein=load_klein(), upscaler=upscaler, label=variant.label)
-    else:
-        engines = Engines(klein=None, upscaler=upscaler, load_klein=load_klein, label=variant.label)
+    try:
+        if settings.preload_models:
+            engines = Engines(klein=load_klein(), upscaler=upscaler, label=variant.label)
+        else:
+            # Loading waits for the first generate job; a missing backend is still a boot error.
+            check_quantization(
+                variant.quantization,
+                capability=_cuda_capability(variant.device),
+                nunchaku_transformer=settings.nunchaku_transformer_path,
+            )
+            engines = Engines(klein=None, upscaler=upscaler, load_klein=load_klein, label=variant.label)
+    except UnsupportedQuantization as exc:
+        raise BootError(f"{variant.label}: {exc}") from exc
     load_s = time.perf_counter() - started
     log.info(
         "ready: %s on %s in %.1f s (%s)%s",
@@ -178,3 +188,11 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         },
     )
     return engines
+
+
+def _cuda_capability(device: str) -> tuple[int, int] | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_capability(device)
