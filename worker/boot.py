@@ -126,7 +126,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     here, before the first job; without, the first generate job loads it. The upscaler always
     loads on demand."""
     from handlers.engines.klein import KleinEngine, create_klein_engine
-    from handlers.engines.quantize import UnsupportedQuantization, check_quantization
+    from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
     from handlers.engines.upscaler import create_upscaler
 
     started = time.perf_counter()
@@ -164,7 +164,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             # Loading waits for the first generate job; a missing backend is still a boot error.
             check_quantization(
                 variant.quantization,
-                capability=_cuda_capability(variant.device),
+                capability=device_capability(variant.device),
                 nunchaku_transformer=settings.nunchaku_transformer_path,
             )
             engines = Engines(klein=None, upscaler=upscaler, load_klein=load_klein, label=variant.label)
@@ -188,11 +188,3 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         },
     )
     return engines
-
-
-def _cuda_capability(device: str) -> tuple[int, int] | None:
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    return torch.cuda.get_device_capability(device)

@@ -24,6 +24,7 @@ from handlers.engines.quantize import (
     TORCHAO_QUANTIZATIONS,
     Capability,
     check_quantization,
+    device_capability,
     load_nunchaku_transformer,
     quantize_pipeline,
 )
@@ -251,7 +252,7 @@ def create_klein_engine(
         quantization = "none"
     default_device = "cpu" if model == "tiny" else ("cuda" if torch.cuda.is_available() else "cpu")
     target = torch.device(device or default_device)
-    capability = _capability(target)
+    capability = device_capability(target)
     check_quantization(quantization, capability=capability, nunchaku_transformer=nunchaku_transformer)
     if model == "tiny":
         from handlers.engines.tiny import build_tiny_pipeline
@@ -324,10 +325,6 @@ def build_engine(
         max_sequence_length=max_length,
         compiled=compiled,
     )
-
-
-def _capability(device: torch.device) -> Capability | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def _precision_label(quantization: str, dtype: torch.dtype) -> str:

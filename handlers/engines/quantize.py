@@ -56,6 +56,14 @@ NUNCHAKU_HINT = (
 )
 
 Capability = tuple[int, int]
+
+
+def device_capability(device: torch.device | str) -> Capability | None:
+    """The CUDA compute capability of ``device``; None off CUDA (no FP8 tensor cores to use)."""
+    target = torch.device(device)
+    return torch.cuda.get_device_capability(target) if target.type == "cuda" else None
+
+
 # Mutates a loaded pipeline in place (kept for callers that hold a pipeline, e.g. random weights).
 Quantizer = Callable[[Any], None]
 
@@ -158,8 +166,8 @@ def quantize_pipeline(
     from torchao.quantization import quantize_
 
     target = device if device is not None else next(pipeline.transformer.parameters()).device
-    if capability is None and target.type == "cuda":
-        capability = torch.cuda.get_device_capability(target)
+    if capability is None:
+        capability = device_capability(target)
     plan = plan_for(quantization, capability)
     if plan.note:
         logger.warning("quantization %s: %s", quantization, plan.note)

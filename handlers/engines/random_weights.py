@@ -29,7 +29,7 @@ from diffusers import (
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from handlers.engines.klein import REAL_MAX_SEQUENCE_LENGTH, KleinEngine, build_engine
-from handlers.engines.quantize import check_quantization
+from handlers.engines.quantize import check_quantization, device_capability
 from handlers.engines.tiny import build_tiny_tokenizer
 from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler, random_realesrgan
 
@@ -155,7 +155,7 @@ def create_random_klein_engine(
     one layer at a time from the CPU instead and never does.
     """
     target = torch.device(device or "cuda")
-    capability = torch.cuda.get_device_capability(target) if target.type == "cuda" else None
+    capability = device_capability(target)
     check_quantization(quantization, capability=capability)  # before any allocation
     pipeline = build_random_pipeline(model, device=target, dtype=dtype)
     precision = quantization if quantization != "none" else "bf16"
