@@ -166,7 +166,17 @@ class FleetSettings(BaseSettings):
         )
 
     def throughput(self) -> ThroughputModel:
-        profiles = load_profiles(self.policy.profiles_dir) if self.policy.profiles_dir else {}
+        profiles = {}
+        if self.policy.profiles_dir:
+            # The variant the rented workers run, when the fleet pins it ("auto" pins nothing).
+            env = self.worker.env
+            model = env.get("MODEL") if env.get("MODEL") in ("klein-4b", "klein-9b") else None
+            quantization = env.get("QUANTIZATION") if env.get("QUANTIZATION") not in (None, "auto") else None
+            if model == "klein-9b" and quantization is None:
+                quantization = "fp8"  # the worker's default for 9B
+            elif model == "klein-4b" and quantization is None:
+                quantization = "none"
+            profiles = load_profiles(self.policy.profiles_dir, model=model, quantization=quantization)
         return ThroughputModel(
             profiles=profiles,
             dlperf_images_per_second=self.policy.dlperf_images_per_second,

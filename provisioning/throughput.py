@@ -53,6 +53,7 @@ class _Gpu(BaseModel):
 class _Variant(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
+    quantization: str | None = None
 
 
 class BenchmarkProfile(BaseModel):
@@ -149,8 +150,15 @@ def gpu_model_token(name: str) -> str | None:
     return None
 
 
-def load_profiles(directory: Path) -> dict[str, float]:
-    """Read every ``*.json`` under ``directory``: {GPU name: images per second per GPU}."""
+def load_profiles(
+    directory: Path, *, model: str | None = None, quantization: str | None = None
+) -> dict[str, float]:
+    """Read every ``*.json`` under ``directory``: {GPU name: images per second per GPU}.
+
+    ``model``/``quantization`` (the fleet's MODEL and QUANTIZATION, when pinned) keep only the
+    profiles of that variant: an H100 runs klein-4B at 1.9 images/s and klein-9B FP8 at 1.1, and a
+    9B fleet sized on the 4B figure would be short of workers.
+    """
     profiles: dict[str, float] = {}
     if not directory.is_dir():
         log.warning("benchmark profile directory %s does not exist: throughput is estimated", directory)
@@ -160,11 +168,16 @@ def load_profiles(directory: Path) -> dict[str, float]:
         except (OSError, ValueError, ValidationError) as exc:
             log.warning("skipping benchmark profile %s: %s", path, exc.__class__.__name__)
             continue
+        variant = profile.variant
+        if model and (variant is None or variant.model != model):
+            continue
+        if quantization and (variant is None or variant.quantization != quantization):
+            continue
         ips = profile.throughput()
         if ips is None:
             log.warning("skipping benchmark profile %s: no latency or throughput figure", path)
             continue
-        # Several files for one GPU (variants, reruns): keep the best, as the worker picks its best variant.
+        # Several files for one GPU and no pinned variant (MODEL=auto; reruns): keep the fastest.
         profiles[profile.gpu.name] = max(ips, profiles.get(profile.gpu.name, 0.0))
     return profiles
 

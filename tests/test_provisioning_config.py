@@ -202,13 +202,41 @@ def test_ambiguous_model_token_is_not_guessed():
     assert model.per_gpu_profile("H100 SXM") == 3.0
 
 
+PROFILES = Path(__file__).resolve().parent.parent / "benchmarks" / "profiles"
+
+
 def test_the_committed_h100_profiles_price_h100_offers():
     # benchmarks/profiles/ holds what a lent H100 measured; the CLI's profiles_dir can point there.
-    profiles = load_profiles(Path(__file__).resolve().parent.parent / "benchmarks" / "profiles")
-    # 4B BF16 at 0.518 s and 9B FP8 at 0.928 s per 1024x1024 image: the faster variant counts.
+    profiles = load_profiles(PROFILES)
+    # 4B BF16 at 0.518 s and 9B FP8 at 0.928 s per 1024x1024 image: unpinned, the faster counts.
     assert profiles == {"NVIDIA H100 80GB HBM3": pytest.approx(1 / 0.518, rel=0.01)}
     model = ThroughputModel(profiles=profiles)
     assert model.estimate(gpu_name="H100 SXM", num_gpus=2, dlperf=200).source == "profile"
     assert model.estimate(gpu_name="H100 SXM", num_gpus=2, dlperf=200).images_per_second == pytest.approx(
         2 / 0.518, rel=0.01
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds"),
+    [
+        ({"MODEL": "klein-9b"}, 0.928),  # the worker's default quantization for 9B is fp8
+        ({"MODEL": "klein-9b", "QUANTIZATION": "fp8"}, 0.928),
+        ({"MODEL": "klein-4b"}, 0.518),
+        ({"MODEL": "auto"}, 0.518),  # nothing pinned: the fastest profile
+        ({}, 0.518),
+    ],
+)
+def test_the_fleet_sizes_on_the_profile_of_the_variant_it_deploys(env, seconds):
+    # A 9B fleet sized on the 4B figure would rent ~45% too few workers.
+    s = load_settings(policy={"profiles_dir": PROFILES}, worker={"env": env})
+    estimate = s.throughput().estimate(gpu_name="H100 SXM", num_gpus=1, dlperf=200)
+    assert estimate.source == "profile"
+    assert estimate.images_per_second == pytest.approx(1 / seconds, rel=0.01)
+
+
+def test_a_pinned_variant_without_a_profile_falls_back_to_the_estimate():
+    s = load_settings(
+        policy={"profiles_dir": PROFILES}, worker={"env": {"MODEL": "klein-4b", "QUANTIZATION": "fp8"}}
+    )
+    assert s.throughput().estimate(gpu_name="H100 SXM", num_gpus=1, dlperf=200).source == "dlperf estimate"
