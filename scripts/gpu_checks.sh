@@ -11,6 +11,11 @@
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
 # reported and the next one still runs, so one bug does not cost the whole GPU lease. The
 # figures go into BENCHMARKS.md and benchmarks/profiles/.
+#
+# On a machine without the project installed (the lent dev GPU has torch but not diffusers,
+# transformers 5, torchao, spandrel, pydantic(-settings), boto3), install the project's pinned
+# versions first, or carry their wheels and run with PYTHONPATH=<wheels dir>:$PWD. Keep that
+# machine's own torch and huggingface_hub (a carried huggingface_hub 2.x needs httpx2).
 set -u
 
 out=${1:?usage: gpu_checks.sh OUT_DIR STEP[:SECONDS]...}
