@@ -166,17 +166,19 @@ class FleetSettings(BaseSettings):
         )
 
     def throughput(self) -> ThroughputModel:
-        profiles = {}
+        profiles: dict[str, float] = {}
         if self.policy.profiles_dir:
-            # The variant the rented workers run, when the fleet pins it ("auto" pins nothing).
-            env = self.worker.env
-            model = env.get("MODEL") if env.get("MODEL") in ("klein-4b", "klein-9b") else None
-            quantization = env.get("QUANTIZATION") if env.get("QUANTIZATION") not in (None, "auto") else None
-            if model == "klein-9b" and quantization is None:
-                quantization = "fp8"  # the worker's default for 9B
-            elif model == "klein-4b" and quantization is None:
-                quantization = "none"
-            profiles = load_profiles(self.policy.profiles_dir, model=model, quantization=quantization)
+            # Only the variant the rented workers run, when the fleet pins MODEL ("auto" pins nothing).
+            model = self.worker.env.get("MODEL")
+            if model in ("klein-4b", "klein-9b"):
+                quantization = self.worker.env.get("QUANTIZATION", "auto")
+                if quantization == "auto":
+                    # worker.boot.default_quantization's rule, restated: this package must not
+                    # import the worker (test_cli_import_pulls_in_no_torch_and_no_worker).
+                    quantization = "fp8" if model == "klein-9b" else "none"
+                profiles = load_profiles(self.policy.profiles_dir, model=model, quantization=quantization)
+            else:
+                profiles = load_profiles(self.policy.profiles_dir)
         return ThroughputModel(
             profiles=profiles,
             dlperf_images_per_second=self.policy.dlperf_images_per_second,

@@ -46,11 +46,11 @@ from PIL import Image
 from handlers.engines.klein import KleinEngine, build_engine, prompt_settings
 from handlers.engines.speed import compile_transformer, compile_vae_decoder
 from handlers.engines.upscaler import DEFAULT_TILE_SIZE, Upscaler
+from worker.boot import default_quantization
 
 logger = logging.getLogger("bench_gpu")
 
 PROMPT = "a red fox in a snowy birch forest at dawn, photo, 85mm, shallow depth of field"
-DEFAULT_QUANTIZATION = {"klein-4b": "none", "klein-9b": "fp8"}
 # The reference compute floor for klein-4B at 1024x1024, 4 steps, on an H100 (flux2-klein.md).
 H100_FLOOR_S = 0.2
 GIB = 1 << 30
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # Inductor only pays on CUDA; the eager backend still checks tracing and recompiles.
         args.no_compile = args.no_compile or args.compile_backend != "eager"
     if args.quantization is None:
-        args.quantization = DEFAULT_QUANTIZATION.get(args.model, "none")
+        args.quantization = default_quantization(args.model)
     return args
 
 

@@ -31,6 +31,7 @@ from rich.logging import RichHandler
 
 from handlers.engines.klein import KleinEngine, UnsupportedQuantization
 from handlers.engines.upscaler import Upscaler
+from worker.boot import default_quantization
 from worker.profile import GIB, BenchmarkProfile, Limits, not_fitting, size_key
 from worker.vram_benchmark import gpu_section, profile_identity, run_benchmark
 
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.runs < 1 or args.ref_side < 64 or args.upscale_input < 0:
         parser.error("--steps and --runs must be >= 1, --ref-side >= 64, --upscale-input >= 0")
     if args.quantization == "auto":
-        args.quantization = "fp8" if args.model == "klein-9b" else "none"
+        args.quantization = default_quantization(args.model)
     if args.model == "tiny":
         args.quantization = "none"
     args.device = args.device or ("cpu" if args.model == "tiny" else "cuda")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.dispatch import Engines
-from worker.config import Settings
+from worker.config import Quantization, Settings
 from worker.gpu import GIB, GpuInfo
 from worker.profile import BenchmarkProfile, ProfileError, load_profile
 
@@ -61,7 +61,7 @@ def choose_variant(
     if settings.model != "auto":
         quant = settings.quantization
         if quant == "auto":
-            quant = "fp8" if settings.model == "klein-9b" else "none"
+            quant = default_quantization(settings.model)
         return Variant(settings.model, quant, device, f"MODEL={settings.model}")
     if gpu is None:
         raise BootError(
@@ -70,6 +70,11 @@ def choose_variant(
     if profile is not None:
         return _from_profile(settings, profile, gpu, device)
     return _auto(settings, gpu, device)
+
+
+def default_quantization(model: str) -> Quantization:
+    """What QUANTIZATION=auto means once MODEL is pinned: FP8 for klein-9B, full precision else."""
+    return "fp8" if model == "klein-9b" else "none"
 
 
 def _from_profile(settings: Settings, profile: BenchmarkProfile, gpu: GpuInfo, device: str) -> Variant:
