@@ -189,3 +189,13 @@ def test_cli_import_pulls_in_no_torch_and_no_worker():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rented_workers_get_their_price_per_hour(cli, fake, queue):
+    url = queue(100)
+    fake.add_offer(dph_total=0.30)
+    fake.add_offer(dph_total=0.80, num_gpus=2, gpu_ram=24576)
+    cli("autoscale", "--once", "--queue-url", url, "--max", "2", KLEIN_FLEET_OFFERS__MAX_GPUS="2")
+    prices = sorted(float(body["env"]["PRICE_PER_HOUR"]) for body in fake.rent_bodies)
+    # Each worker's share: a 2-GPU instance runs one worker per GPU, each charged half its price.
+    assert prices == [0.30, 0.40]
