@@ -153,3 +153,27 @@ def test_queue_configuration_errors_are_clear(stack, queue_url, queue_urls, mess
 def test_queue_urls_alone_reads_highest_first(stack):
     settings = worker_settings(stack, queue_url=None, queue_urls=" https://q/high ,https://q/low,")
     assert settings.require_queues() == ["https://q/high", "https://q/low"]
+
+
+def test_a_retry_goes_back_to_the_queue_the_job_came_from(stack, engines, scripted):
+    low = _low_queue(stack)
+    job = {
+        "id": "low-retry",
+        "type": "upscale",
+        "input": {
+            "image_url": f"{scripted.url}/img/in.png",
+            "upload_url": f"{scripted.url}/status/503/o.png",
+            "scale": 2,
+        },
+    }
+    _send(stack, low, job)
+    settings = worker_settings(stack, queue_url=None, queue_urls=f"{stack.queue_url},{low}", max_attempts=2)
+
+    # The first attempt releases the message (backoff 0 in tests) back to the low queue; the second
+    # finds it there, publishes the failure and deletes it.
+    assert build_runner(settings, engines=engines).run(burst=True) == 1
+
+    (result,) = results(stack, expected=1)
+    assert result["attempt"] == 2 and result["error"]["code"] == "upload_failed"
+    assert result["queue"] == low
+    assert queue_counts(stack) == (0, 0) and queue_counts(stack, low) == (0, 0)

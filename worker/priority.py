@@ -21,6 +21,8 @@ next sweep start with a lower queue (rotating among them); so while they have wo
 fraction of the jobs taken comes from them. 0 (the default) is strict priority.
 
 Heartbeats, releases and deletes go to the queue the message came from (``Message.queue``).
+A queue that cannot be read fails the whole receive: the runner logs it, backs off and retries,
+and /healthz turns 503, rather than the worker quietly serving the other queues out of order.
 """
 
 from __future__ import annotations
