@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from handlers.errors import JobError, OutOfMemory
+from handlers.gpu_lock import TimedLock
 
 if TYPE_CHECKING:
     from handlers.engines.klein import KleinEngine
@@ -27,7 +27,7 @@ class Engines:
 
     klein: KleinEngine | None
     upscaler: Upscaler | None
-    gpu: threading.Lock = field(default_factory=threading.Lock)
+    gpu: TimedLock = field(default_factory=TimedLock)  # also counts each job's gpu_seconds
     load_klein: Callable[[], KleinEngine] | None = None
     label: str | None = None  # the variant's name before its engine exists
 

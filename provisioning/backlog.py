@@ -1,10 +1,11 @@
-"""The job queue's backlog, from SQS's approximate counts (boto3; any SQS-compatible endpoint)."""
+"""The job queues' backlog, from SQS's approximate counts (boto3; any SQS-compatible endpoint)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from provisioning.models import QueueSample
+from provisioning.models import QueueDepth, QueueSample
 
 _ATTRIBUTES = [
     "ApproximateNumberOfMessages",
@@ -14,20 +15,41 @@ _ATTRIBUTES = [
 
 
 class SqsBacklog:
-    """Samples one queue. ``client`` is a boto3 SQS client, built by the caller (``make_sqs_client``)."""
+    """Samples the fleet's job queues: ``queue_url`` (one queue), or ``queues`` as (url, target wait or
+    None) highest priority first, as the workers' QUEUE_URLS lists them. ``client`` is a boto3 SQS client,
+    built by the caller (``make_sqs_client``); every queue is read through it."""
 
-    def __init__(self, *, client: Any, queue_url: str) -> None:
+    def __init__(
+        self,
+        *,
+        client: Any,
+        queue_url: str | None = None,
+        queues: Sequence[tuple[str, float | None]] = (),
+    ) -> None:
+        if bool(queue_url) == bool(queues):
+            raise ValueError("SqsBacklog needs queue_url or queues, not both")
         self._client = client
-        self._queue_url = queue_url
+        self._queues = list(queues) if queues else [(str(queue_url), None)]
 
     def sample(self, *, now: float) -> QueueSample:
-        reply = self._client.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=_ATTRIBUTES)
-        attrs = reply.get("Attributes", {})
+        depths = tuple(self._depth(url, target) for url, target in self._queues)
         return QueueSample(
             at=now,
+            visible=sum(d.visible for d in depths),
+            in_flight=sum(d.in_flight for d in depths),
+            delayed=sum(d.delayed for d in depths),
+            queues=depths,
+        )
+
+    def _depth(self, url: str, target_wait_s: float | None) -> QueueDepth:
+        reply = self._client.get_queue_attributes(QueueUrl=url, AttributeNames=_ATTRIBUTES)
+        attrs = reply.get("Attributes", {})
+        return QueueDepth(
+            url=url,
             visible=int(attrs.get("ApproximateNumberOfMessages", 0)),
             in_flight=int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
             delayed=int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
+            target_wait_s=target_wait_s,
         )
 
 

@@ -159,7 +159,8 @@ def status(ctx: typer.Context) -> None:
         obs, decision = compose.autoscaler(opts.settings(), apply=False).plan()
     except (ValueError, *TICK_ERRORS) as exc:
         _fail(opts.console, str(exc))
-    opts.console.print(render.backlog_table(obs.samples[-1] if obs.samples else None))
+    current = obs.samples[-1] if obs.samples else None
+    opts.console.print(render.backlog_table(current, target_wait_s=opts.settings().target_wait_s))
     opts.console.print(render.fleet_table(obs.instances, decision, now=obs.now))
     opts.console.print(render.phase_totals(obs.instances, decision.phases))
     for line in render.decision_lines(decision):

@@ -24,12 +24,13 @@ def vast_client(settings: FleetSettings, *, need_key: bool = True) -> VastClient
 
 
 def sqs_backlog(settings: FleetSettings) -> SqsBacklog | None:
-    if not settings.queue_url:
+    targets = settings.queue_targets()
+    if not targets:
         return None
     client = make_sqs_client(
-        queue_url=settings.queue_url, endpoint_url=settings.aws_endpoint_url, region=settings.aws_region
+        queue_url=targets[0].url, endpoint_url=settings.aws_endpoint_url, region=settings.aws_region
     )
-    return SqsBacklog(client=client, queue_url=settings.queue_url)
+    return SqsBacklog(client=client, queues=[(t.url, t.target_wait_s) for t in targets])
 
 
 def autoscaler(
@@ -48,7 +49,7 @@ def autoscaler(
     vast = vast_client(settings)
     reconciler = None
     if apply:
-        if not settings.queue_url:
+        if not settings.queue_targets():
             raise SetupError("a queue URL is needed to rent workers: --queue-url, QUEUE_URL or queue_url")
         reconciler = Reconciler(
             client=vast,

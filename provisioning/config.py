@@ -1,10 +1,11 @@
 """Provisioning settings: command-line options over environment over a TOML file over defaults.
 
 The only reader of the environment in this package. Environment names: ``VAST_API_URL``, ``VAST_API_KEY``,
-``QUEUE_URL``, ``AWS_ENDPOINT_URL``/``AWS_REGION`` (to read the queue), and ``KLEIN_FLEET_<FIELD>`` for the
-rest (nested with ``__``: ``KLEIN_FLEET_POLICY__BOOT_DEADLINE_S``). The worker's own secrets (AWS keys,
-HF token) are read from the operator's environment by name (``worker.pass_env``) and handed to the rented
-containers; they are never printed.
+``QUEUE_URL`` (one queue; several go in the TOML's ``[[queues]]``), ``AWS_ENDPOINT_URL``/``AWS_REGION``
+(to read the queues), and ``KLEIN_FLEET_<FIELD>`` for the rest (nested with ``__``:
+``KLEIN_FLEET_POLICY__BOOT_DEADLINE_S``). The worker's own secrets (AWS keys, HF token) are read from the
+operator's environment by name (``worker.pass_env``) and handed to the rented containers; they are never
+printed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -92,6 +93,14 @@ class WorkerSettings(BaseModel):
     registry_token: SecretStr | None = None
 
 
+class QueueTarget(BaseModel):
+    """One of the fleet's job queues (``[[queues]]`` in the TOML, highest priority first)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    target_wait_s: float | None = Field(default=None, gt=0)  # None: the fleet's target_wait_s
+
+
 class FleetSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEIN_FLEET_", env_nested_delimiter="__", extra="forbid")
 
@@ -102,6 +111,8 @@ class FleetSettings(BaseSettings):
     fleet: str = "klein"
     image: str = "ghcr.io/OWNER/klein-worker:latest"
     queue_url: str | None = Field(None, validation_alias=AliasChoices("queue_url", "QUEUE_URL"))
+    # Several job queues, highest priority first (the workers get them as QUEUE_URLS); or queue_url.
+    queues: list[QueueTarget] = Field(default_factory=list)
     aws_endpoint_url: str | None = Field(
         None, validation_alias=AliasChoices("aws_endpoint_url", "AWS_ENDPOINT_URL")
     )
@@ -129,6 +140,22 @@ class FleetSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Command line (init) over environment over the TOML file named by `--config`.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @model_validator(mode="after")
+    def _one_queue_form(self) -> FleetSettings:
+        self.queue_targets()  # queue_url and queues together, or a queue listed twice: a config error
+        return self
+
+    def queue_targets(self) -> list[QueueTarget]:
+        """The job queues to follow, highest priority first; empty when none is configured."""
+        if self.queues and self.queue_url:
+            raise ValueError("set queue_url (one queue) or queues (several, highest first), not both")
+        if not self.queues:
+            return [QueueTarget(url=self.queue_url)] if self.queue_url else []
+        urls = [q.url for q in self.queues]
+        if len(set(urls)) != len(urls):
+            raise ValueError("queues lists the same queue twice")
+        return list(self.queues)
 
     def requirements(self) -> OfferRequirements:
         o = self.offers
@@ -187,12 +214,16 @@ class FleetSettings(BaseSettings):
 
     def launch_spec(self, environ: Mapping[str, str] | None = None) -> LaunchSpec:
         """What rented containers run; secrets named in ``worker.pass_env`` come from the environment."""
-        if not self.queue_url:
+        queues = [q.url for q in self.queue_targets()]
+        if not queues:
             raise ValueError("a queue URL is needed to rent workers: --queue-url, QUEUE_URL or queue_url")
         environ = os.environ if environ is None else environ
         env = {name: environ[name] for name in self.worker.pass_env if environ.get(name)}
         env.update(self.worker.env)
-        env["QUEUE_URL"] = self.queue_url
+        if len(queues) == 1:
+            env["QUEUE_URL"] = queues[0]
+        else:
+            env["QUEUE_URLS"] = ",".join(queues)
         login = None
         if self.worker.registry_token is not None:
             registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 _OFFLINE_STATUSES = {"offline", "unknown"}  # "unknown": no heartbeat from the host; it never comes back
 
@@ -74,17 +75,58 @@ class Instance:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QueueDepth:
+    """One of the fleet's job queues at one moment."""
+
+    url: str
+    visible: int
+    in_flight: int
+    delayed: int = 0
+    target_wait_s: float | None = None  # None: the fleet's target wait
+
+    @property
+    def backlog(self) -> int:
+        return self.visible + self.in_flight
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueSample:
-    """The job queue at one moment (SQS approximate counts)."""
+    """The job queues at one moment (SQS approximate counts): totals, and each queue, highest first."""
 
     at: float  # epoch seconds
     visible: int  # waiting to be received
     in_flight: int  # received by a worker, not yet deleted
     delayed: int = 0  # retries waiting out their backoff
+    queues: tuple[QueueDepth, ...] = ()  # per queue, highest priority first; empty: one unnamed queue
 
     @property
     def backlog(self) -> int:
         return self.visible + self.in_flight
+
+    def required_rate(self, target_wait_s: float) -> float:
+        """Jobs per second the fleet must serve for every queue to be worked off within its target wait.
+
+        Workers take a higher queue's jobs first (QUEUE_URLS), so a queue's jobs wait behind the backlog
+        of every queue above it: the rate is the largest (backlog of the queue and those above) / (its
+        target wait). With one queue, or no per-queue targets, it is backlog / target wait.
+        """
+        if not self.queues:
+            return self.backlog / target_wait_s
+        rate, ahead = 0.0, 0
+        for queue in self.queues:
+            ahead += queue.backlog
+            rate = max(rate, ahead / (queue.target_wait_s or target_wait_s))
+        return rate
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QueueSample:
+        """From ``dataclasses.asdict`` output (the state file)."""
+        queues = tuple(QueueDepth(**q) for q in data.get("queues", ()))
+        return cls(**{**data, "queues": queues})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -70,7 +70,8 @@ class Decision:
 
 def target_size(sample: QueueSample, *, jobs_per_s: float, gpus: float, config: PolicyConfig) -> int:
     """clamp(max(ceil(backlog / (jobs/s per instance x target wait)), instances busy now), min, max)."""
-    drain = math.ceil(sample.backlog / (jobs_per_s * config.target_wait_s) - 1e-9) if sample.backlog else 0
+    rate = sample.required_rate(config.target_wait_s)  # per-queue target waits, highest queue first
+    drain = math.ceil(rate / jobs_per_s - 1e-9) if sample.backlog else 0
     # Workers holding messages are busy: keep at least that many instances, or a fleet that has just caught
     # up with a steady load would look like a surplus and shrink, and the backlog would build again.
     busy = _busy_instances(sample.in_flight, gpus)
@@ -307,10 +308,15 @@ def _explain(
         return f"fixed at {desired} by `scale --to`"
     if sample is None:
         return f"no queue sample: the minimum, {desired}"
-    raw = sample.backlog / (jobs_per_s * config.target_wait_s)
+    rate = sample.required_rate(config.target_wait_s)
     busy = _busy_instances(sample.in_flight, gpus)
+    need = (
+        f"{rate:.2f} jobs/s to meet each queue's target wait (a queue waits behind those above it)"
+        if len(sample.queues) > 1
+        else f"backlog {sample.backlog} (visible {sample.visible} + in flight {sample.in_flight}) / "
+        f"{config.target_wait_s:.0f}s target wait = {rate:.2f} jobs/s"
+    )
     return (
-        f"backlog {sample.backlog} (visible {sample.visible} + in flight {sample.in_flight}) / "
-        f"({jobs_per_s:.2f} jobs/s per instance x {config.target_wait_s:.0f}s target wait) = {raw:.2f}; "
+        f"{need} / {jobs_per_s:.2f} jobs/s per instance = {rate / jobs_per_s:.2f}; "
         f"instances busy now: {busy}; within [{config.min_instances}, {config.max_instances}] -> {desired}"
     )

@@ -99,7 +99,9 @@ class Reconciler:
         offer = item.offer
         started = self._clock()
         price = item.price if self._interruptible else None
-        result = self._client.create_instance(offer.id, self._launch, price=price)
+        # One worker per GPU (docker/entrypoint.sh): each one's share of what the instance costs.
+        launch = self._launch.priced(item.price / max(1, offer.num_gpus))
+        result = self._client.create_instance(offer.id, launch, price=price)
         if result.outcome is CreateOutcome.RENTED:
             log.info("rented offer %s as instance %s", offer.id, result.instance_id)
             known.add(result.instance_id or -1)

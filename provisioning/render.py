@@ -54,14 +54,22 @@ def offers_table(ranked: Sequence[RankedOffer], *, limit: int) -> Table:
     return table
 
 
-def backlog_table(sample: QueueSample | None) -> Table:
+def backlog_table(sample: QueueSample | None, *, target_wait_s: float | None = None) -> Table:
+    """One row per queue, highest priority first (and a total when there are several)."""
     table = Table(title="Backlog")
-    for column in ("visible", "in flight", "delayed"):
+    table.add_column("queue")
+    for column in ("visible", "in flight", "delayed", "target wait"):
         table.add_column(column, justify="right")
     if sample is None:
-        table.add_row("-", "-", "-")
-    else:
-        table.add_row(str(sample.visible), str(sample.in_flight), str(sample.delayed))
+        table.add_row("-", "-", "-", "-", "-")
+        return table
+    fleet_wait = f"{target_wait_s:.0f}s" if target_wait_s else "-"
+    for q in sample.queues:
+        wait = f"{q.target_wait_s:.0f}s" if q.target_wait_s else fleet_wait
+        table.add_row(q.name, str(q.visible), str(q.in_flight), str(q.delayed), wait)
+    if len(sample.queues) != 1:
+        total = "total" if sample.queues else "queue"
+        table.add_row(total, str(sample.visible), str(sample.in_flight), str(sample.delayed), fleet_wait)
     return table
 
 

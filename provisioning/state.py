@@ -40,7 +40,7 @@ class StateFile:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             return FleetMemory(
-                samples=[QueueSample(**s) for s in data.get("samples", [])],
+                samples=[QueueSample.from_dict(s) for s in data.get("samples", [])],
                 avoid={int(k): float(v) for k, v in data.get("avoid", {}).items()},
                 pending=[PendingRent(**p) for p in data.get("pending", [])],
             )

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -54,6 +54,13 @@ class LaunchSpec:
     runtype: str = "args"  # run the image's own entrypoint (the worker), not an ssh shell
     onstart: str | None = None
     image_login: str | None = field(default=None, repr=False)  # "-u USER -p TOKEN ghcr.io" (private image)
+
+    def priced(self, worker_usd_per_hour: float) -> LaunchSpec:
+        """This spec with the worker's ``PRICE_PER_HOUR`` (for ``cost_usd`` in its results); a value the
+        operator put in the worker's env wins."""
+        if "PRICE_PER_HOUR" in self.env:
+            return self
+        return replace(self, env={**self.env, "PRICE_PER_HOUR": f"{worker_usd_per_hour:.6g}"})
 
     def body(self, price: float | None) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -33,11 +33,15 @@ def test_demo_runs_the_samples_and_saves_images(tmp_path):
         "batch-1.webp",
         "batch-2.webp",
         "photo-x4.png",
+        "urgent-x2.png",
     }
     assert saved["story-1.png"].size == (256, 256) and saved["story-1.png"].format == "PNG"
     assert saved["batch-0.webp"].size == (256, 320) and saved["batch-0.webp"].format == "WEBP"
     assert saved["photo-x4.png"].size == (512, 384)
     assert "demo-invalid" in proc.stdout and "invalid_input" in proc.stdout
+    # The urgent job went through the high-priority queue (QUEUE_URLS), and its result says so.
+    assert saved["urgent-x2.png"].size == (256, 192)
+    assert '"queue": "http' in proc.stdout and "klein-jobs-high" in proc.stdout
     assert "X-Amz-Signature" not in proc.stdout + proc.stderr
 
 

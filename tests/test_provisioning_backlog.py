@@ -119,3 +119,48 @@ def test_autoscale_loop_ticks_until_stopped_and_survives_a_failing_tick(sqs, cap
         scaler.run(interval_s=0.01, dry_run=True, on_tick=on_tick, stop=stop)
     assert len(ticks) == 2 and "autoscale tick failed" in caplog.text
     assert len(scaler.memory.samples) == 3  # three observations: ok, failed after sampling, ok
+
+
+def _fill(sqs, url: str, count: int) -> None:
+    for start in range(0, count, 10):
+        entries = [{"Id": str(k), "MessageBody": "job"} for k in range(min(10, count - start))]
+        sqs.send_message_batch(QueueUrl=url, Entries=entries)
+
+
+def test_several_queues_are_sampled_each_and_sized_by_their_own_target_waits(sqs, tmp_path):
+    high = sqs.create_queue(QueueName="backlog-high")["QueueUrl"]
+    low = sqs.create_queue(QueueName="backlog-low")["QueueUrl"]
+    _fill(sqs, high, 30)
+    _fill(sqs, low, 60)
+    backlog = SqsBacklog(client=sqs, queues=[(high, 30.0), (low, None)])
+    sample = backlog.sample(now=5.0)
+    assert [(q.name, q.visible, q.target_wait_s) for q in sample.queues] == [
+        ("backlog-high", 30, 30.0),
+        ("backlog-low", 60, None),
+    ]
+    assert (sample.visible, sample.backlog) == (90, 90)
+    # The high queue must clear 30 jobs in 30 s; the low one waits behind it: 90 jobs in the fleet's 3600 s.
+    assert sample.required_rate(3600.0) == pytest.approx(1.0)
+    state = StateFile(path=tmp_path / "state.json")
+    state.save(FleetMemory(samples=[sample]))
+    assert state.load().samples == [sample]
+
+    with FakeVast() as fake:
+        for price in (0.30, 0.32, 0.35):
+            fake.add_offer(dph_total=price)
+        vast = VastClient(api_key=fake.api_key, api_url=fake.url, backoff_s=0.0)
+        scaler = Autoscaler(
+            vast=vast,
+            backlog=backlog,
+            label="klein",
+            policy=PolicyConfig(image=IMAGE, max_instances=3, max_hourly_usd=5.0, target_wait_s=3600),
+            requirements=OfferRequirements(),
+            throughput=ThroughputModel(),
+            reconciler=None,
+            memory=FleetMemory(),
+        )
+        _, decision = scaler.plan()
+    # 1.0 job/s needed / (80 DLPerf x 0.01 = 0.8 jobs/s per instance) -> 2; one queue of 90 jobs at
+    # a 3600 s target would have wanted 1.
+    assert decision.desired == 2
+    assert "each queue's target wait" in decision.reason

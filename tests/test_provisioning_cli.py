@@ -189,3 +189,36 @@ def test_cli_import_pulls_in_no_torch_and_no_worker():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rented_workers_get_their_price_per_hour(cli, fake, queue):
+    url = queue(100)
+    fake.add_offer(dph_total=0.30)
+    fake.add_offer(dph_total=0.80, num_gpus=2, gpu_ram=24576)
+    cli("autoscale", "--once", "--queue-url", url, "--max", "2", KLEIN_FLEET_OFFERS__MAX_GPUS="2")
+    prices = sorted(float(body["env"]["PRICE_PER_HOUR"]) for body in fake.rent_bodies)
+    # Each worker's share: a 2-GPU instance runs one worker per GPU, each charged half its price.
+    assert prices == [0.30, 0.40]
+
+
+def test_several_queues_from_the_toml_status_per_queue_and_rent_with_queue_urls(
+    cli, fake, queue, sqs_endpoint, tmp_path
+):
+    high = queue(12)
+    client = boto3.client("sqs", endpoint_url=sqs_endpoint, region_name="us-east-1")
+    low = client.create_queue(QueueName=f"cli-low-{next(_names)}")["QueueUrl"]
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f'[[queues]]\nurl = "{high}"\ntarget_wait_s = 30\n\n[[queues]]\nurl = "{low}"\n', encoding="utf-8"
+    )
+    out = cli("--config", str(config), "status")
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ cli-")}
+    assert [name for name in rows] == [high.rsplit("/", 1)[-1], low.rsplit("/", 1)[-1]]
+    assert " 12 " in rows[high.rsplit("/", 1)[-1]] and "30s" in rows[high.rsplit("/", 1)[-1]]
+    assert "total" in out
+    fake.add_offer(dph_total=0.30)
+    cli("--config", str(config), "autoscale", "--once", "--max", "1")
+    (body,) = fake.rent_bodies
+    assert body["env"]["QUEUE_URLS"] == f"{high},{low}" and "QUEUE_URL" not in body["env"]
+    both = cli("--config", str(config), "status", "--queue-url", high, code=2)
+    assert "not both" in both

@@ -52,9 +52,11 @@ def demo(
     from worker.gpu import probe_gpus
     from worker.local import start_local_stack
 
-    stack = start_local_stack()
+    stack = start_local_stack(high_priority=True)
     try:
-        # The worker's boto3 client takes the stack's endpoint and credentials from the environment.
+        # The worker's boto3 client takes the stack's endpoint and credentials from the environment;
+        # the stack's queues replace any the shell names (QUEUE_URL and QUEUE_URLS together are an error).
+        os.environ.pop("QUEUE_URL", None)
         os.environ.update(stack.env())
         settings = Settings(wait_time_seconds=1)
         # The demo's own defaults; anything set explicitly still wins (e.g. MODEL on a GPU box).
@@ -117,7 +119,7 @@ def _progress() -> Progress:
 
 def _print_results(results: list[dict[str, Any]], saved: list[Path]) -> None:
     table = Table(title="results")
-    for column in ("id", "status", "model", "detail"):
+    for column in ("id", "queue", "status", "model", "detail"):
         table.add_column(column)
     for result in results:
         output = result.get("output") or {}
@@ -127,7 +129,8 @@ def _print_results(results: list[dict[str, Any]], saved: list[Path]) -> None:
             detail = ", ".join(f"{r['width']}x{r['height']}" for r in output["results"] if r["success"])
         else:
             detail = f"{output.get('output_width')}x{output.get('output_height')}"
-        table.add_row(result["id"], result["status"], result["model"], detail)
+        queue = (result.get("queue") or "-").rsplit("/", 1)[-1]
+        table.add_row(result["id"], queue, result["status"], result["model"], detail)
     console.print(table)
     console.print_json(json.dumps(results))
     console.print(f"{len(saved)} image(s) saved: " + ", ".join(str(p) for p in saved))

@@ -14,6 +14,8 @@ from worker.boot import build_engines, choose_variant, read_profile
 from worker.config import Settings
 from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
+from worker.priority import PriorityJobSource
+from worker.queue import JobSource
 from worker.results import ResultPublisher
 from worker.runner import Runner
 from worker.sqs import SqsJobSource, SqsResultSink, make_sqs_client
@@ -60,7 +62,7 @@ def limits_for(settings: Settings) -> Limits:
 def build_runner(
     settings: Settings, *, engines: Engines, sqs_client: Any | None = None, **hooks: Any
 ) -> Runner:
-    queue_url = settings.require_queue()
+    queue_urls = settings.require_queues()
     client = sqs_client or make_sqs_client(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
     transfer = TransferClient(
         allow_private_urls=settings.allow_private_urls,
@@ -81,8 +83,17 @@ def build_runner(
         worker_id=settings.worker_id,
         max_attempts=settings.max_attempts,
         retry_backoff_seconds=settings.retry_backoff_seconds,
+        price_per_hour=settings.price_per_hour,
     )
-    source = SqsJobSource(client=client, queue_url=queue_url, visibility_timeout=settings.visibility_timeout)
+    sources = [
+        SqsJobSource(client=client, queue_url=url, visibility_timeout=settings.visibility_timeout)
+        for url in queue_urls
+    ]
+    source: JobSource = (
+        sources[0]
+        if len(sources) == 1
+        else PriorityJobSource(sources=sources, lower_share=settings.lower_queue_share)
+    )
     return Runner(
         source=source,
         publisher=ResultPublisher(sink=sink, poster=transfer, webhook_secret=secret),
@@ -98,7 +109,7 @@ def build_runner(
 
 def serve(settings: Settings) -> Runner:
     """The production path: metrics endpoint first (it answers 503 while loading), boot, then poll."""
-    settings.require_queue()
+    settings.require_queues()
     stopper = install_signal_handlers()
     telemetry = None
     if settings.metrics_port is not None:

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     queue_url: str | None = None
+    queue_urls: str | None = None  # comma-separated, highest priority first; QUEUE_URL is the one-queue form
+    # While lower queues have work, about this share of the jobs taken comes from them (0: strict priority).
+    lower_queue_share: float = Field(default=0.0, ge=0.0, le=0.5)
     result_queue_url: str | None = None
     aws_endpoint_url: str | None = None
     aws_region: str = Field(
@@ -72,6 +75,9 @@ class Settings(BaseSettings):
     torch_compile: bool | None = None
     nunchaku_transformer_path: str | None = None
 
+    # This worker's $/h (the instance's price over the workers it runs): results then carry cost_usd.
+    price_per_hour: float | None = Field(default=None, ge=0)
+
     metrics_port: int | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -83,6 +89,18 @@ class Settings(BaseSettings):
         return v.upper()
 
     def require_queue(self) -> str:
-        if not self.queue_url:
-            raise SystemExit("QUEUE_URL is required (or run `python -m worker demo`)")
-        return self.queue_url
+        """The one queue jobs are sent to (``worker enqueue``): QUEUE_URL, else the highest of QUEUE_URLS."""
+        return self.require_queues()[0]
+
+    def require_queues(self) -> list[str]:
+        """The job queues, highest priority first."""
+        urls = [u.strip() for u in (self.queue_urls or "").split(",") if u.strip()]
+        if urls and self.queue_url:
+            raise SystemExit("set QUEUE_URL (one queue) or QUEUE_URLS (several, highest first), not both")
+        if self.queue_url:
+            return [self.queue_url]
+        if not urls:
+            raise SystemExit("QUEUE_URL or QUEUE_URLS is required (or run `python -m worker demo`)")
+        if len(set(urls)) != len(urls):
+            raise SystemExit("QUEUE_URLS lists the same queue twice")
+        return urls

@@ -53,6 +53,9 @@ class JobResult(BaseModel):
     received_at: str
     finished_at: str
     sqs_message_id: str | None = None  # set when the body had no usable id
+    queue: str | None = None  # the URL of the queue the job came from
+    gpu_seconds: float = 0.0  # time the job held the model (the GPU lock)
+    cost_usd: float | None = None  # its share of PRICE_PER_HOUR (worker.cost); null without a price
 
 
 def utc_now() -> str:

@@ -1,7 +1,8 @@
 """`python -m worker demo`: the whole loop on one machine, no GPU, no cloud.
 
 Starts moto's SQS + S3 on loopback, puts sample inputs in a bucket, enqueues sample jobs
-(a batch with references, a plain batch, an upscale, one invalid job), runs the real worker
+(a batch with references, a plain batch, an upscale, one invalid job, and last an urgent upscale
+on the high-priority queue, which the worker takes first), runs the real worker
 on them in burst mode with a progress display, then saves every image under ./outputs/ and
 prints the results.
 """
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEMO_SIZE = 256  # the contract's smallest side: quick on CPU with MODEL=tiny
 REAL_SIZE = 1024  # what the real model is made for
+URGENT_JOB_ID = "demo-urgent-upscale"  # enqueued last, on the high-priority queue: taken first
 
 
 def default_model(*, gpu_found: bool, model_path: str | None, hub_cache: str | None = None) -> str:
@@ -96,6 +98,15 @@ def sample_jobs(stack: LocalStack, size: int = DEMO_SIZE) -> list[dict[str, Any]
             },
         },
         {
+            "id": URGENT_JOB_ID,
+            "type": "upscale",
+            "input": {
+                "image_url": photo,
+                "upload_url": stack.presign_put("outputs/urgent-x2.png", "image/png"),
+                "scale": 2,
+            },
+        },
+        {
             "id": "demo-invalid",
             "type": "generate",
             "input": {"prompts": ["too small"], "upload_urls": ["https://example.com/x.png"], "width": 100},
@@ -105,8 +116,10 @@ def sample_jobs(stack: LocalStack, size: int = DEMO_SIZE) -> list[dict[str, Any]
 
 def enqueue(stack: LocalStack, jobs: list[dict[str, Any]]) -> None:
     sqs = stack.client("sqs")
-    for job in jobs:
-        sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
+    urgent = [job for job in jobs if job["id"] == URGENT_JOB_ID and stack.high_queue_url]
+    for job in [job for job in jobs if job not in urgent] + urgent:
+        queue = stack.high_queue_url if job in urgent else stack.queue_url
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(job))
 
 
 def collect_results(stack: LocalStack, expected: int) -> list[dict[str, Any]]:

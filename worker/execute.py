@@ -15,6 +15,7 @@ from handlers.dispatch import Engines
 from handlers.errors import JobError
 from handlers.schemas import Limits
 from worker.contract import Job, JobResult, parse_job, peek_identity, utc_now
+from worker.cost import ShareClock, cost_usd
 from worker.queue import Message
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class JobExecutor:
         worker_id: str,
         max_attempts: int = 3,
         retry_backoff_seconds: int = 10,
+        price_per_hour: float | None = None,
     ) -> None:
         self._handlers = handlers
         self._engines = engines
@@ -52,11 +54,31 @@ class JobExecutor:
         self._worker_id = worker_id
         self._max_attempts = max_attempts
         self._retry_backoff = retry_backoff_seconds
+        self._price = price_per_hour
+        self._share_clock = ShareClock()
 
     def backoff(self, attempt: int) -> int:
         return min(MAX_BACKOFF_SECONDS, self._retry_backoff * 2 ** max(0, attempt - 1))
 
     def execute(self, message: Message) -> Outcome:
+        """Run the job and stamp what it cost on its result and log fields (retries cost too)."""
+        mark = self._share_clock.start()
+        gpu_before = self._engines.gpu.held_seconds()
+        try:
+            outcome = self._execute(message)
+        finally:
+            share = self._share_clock.stop(mark)
+        costs: dict[str, Any] = {
+            "queue": message.queue or None,
+            "gpu_seconds": round(self._engines.gpu.held_seconds() - gpu_before, 4),
+            "cost_usd": cost_usd(share, self._price),
+        }
+        outcome.log_fields.update(costs)
+        if outcome.result is not None:
+            outcome.result = outcome.result.model_copy(update=costs)
+        return outcome
+
+    def _execute(self, message: Message) -> Outcome:
         received_at = utc_now()
         attempt = message.receive_count
         job: Job | None = None

@@ -24,6 +24,7 @@ class LocalStack:
     result_queue_url: str
     dlq_url: str
     bucket: str
+    high_queue_url: str | None = None  # `worker demo`: a higher-priority queue in front of queue_url
 
     def client(self, service: str) -> Any:
         # SigV4 presigned URLs (X-Amz-Signature=...), as real S3 hands out.
@@ -34,8 +35,13 @@ class LocalStack:
 
     def env(self) -> dict[str, str]:
         """Environment for a worker process pointed at this stack."""
+        queues = (
+            {"QUEUE_URLS": f"{self.high_queue_url},{self.queue_url}"}
+            if self.high_queue_url
+            else {"QUEUE_URL": self.queue_url}
+        )
         return {
-            "QUEUE_URL": self.queue_url,
+            **queues,
             "RESULT_QUEUE_URL": self.result_queue_url,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_REGION": LOCAL_REGION,
@@ -79,9 +85,14 @@ def create_queues(sqs: Any, queue: str, *, max_receive_count: int = 5) -> tuple[
 
 
 def start_local_stack(
-    *, bucket: str = "klein-demo", queue: str = "klein-jobs", max_receive_count: int = 5
+    *,
+    bucket: str = "klein-demo",
+    queue: str = "klein-jobs",
+    max_receive_count: int = 5,
+    high_priority: bool = False,
 ) -> LocalStack:
-    """Start moto on a free loopback port; create the job queue (redriving to a DLQ), results, a bucket."""
+    """Start moto on a free loopback port; create the job queue (redriving to a DLQ), results, a bucket;
+    with ``high_priority``, also ``<queue>-high`` in front of it (``env()`` then sets QUEUE_URLS)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -90,7 +101,12 @@ def start_local_stack(
     endpoint = f"http://{host}:{port}"
     sqs = boto3.client("sqs", endpoint_url=endpoint, region_name=LOCAL_REGION, **LOCAL_CREDENTIALS)
     queue_url, result_url, dlq_url = create_queues(sqs, queue, max_receive_count=max_receive_count)
+    high_url = None
+    if high_priority:
+        redrive = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])
+        attributes = {"RedrivePolicy": redrive["Attributes"]["RedrivePolicy"], "VisibilityTimeout": "120"}
+        high_url = sqs.create_queue(QueueName=f"{queue}-high", Attributes=attributes)["QueueUrl"]
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name=LOCAL_REGION, **LOCAL_CREDENTIALS)
     s3.create_bucket(Bucket=bucket)
     log.info("local SQS + S3 on %s", endpoint)
-    return LocalStack(server, endpoint, queue_url, result_url, dlq_url, bucket)
+    return LocalStack(server, endpoint, queue_url, result_url, dlq_url, bucket, high_url)

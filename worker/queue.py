@@ -16,6 +16,7 @@ class Message:
     body: str
     receive_count: int  # ApproximateReceiveCount: 1 on first delivery
     sent_at: float | None  # SentTimestamp, epoch seconds
+    queue: str = ""  # the URL of the queue it came from: extend/release/delete go back there
 
 
 class JobSource(Protocol):

@@ -21,6 +21,10 @@ class SqsJobSource:
         self._queue_url = queue_url
         self._visibility = visibility_timeout
 
+    @property
+    def queue_url(self) -> str:
+        return self._queue_url
+
     def receive(self, *, max_messages: int, wait_seconds: int) -> list[Message]:
         reply = self._client.receive_message(
             QueueUrl=self._queue_url,
@@ -29,7 +33,7 @@ class SqsJobSource:
             VisibilityTimeout=self._visibility,
             MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
-        return [_to_message(m) for m in reply.get("Messages", [])]
+        return [_to_message(m, self._queue_url) for m in reply.get("Messages", [])]
 
     def extend(self, message: Message, seconds: int) -> None:
         self._change_visibility(message, min(seconds, MAX_VISIBILITY))
@@ -62,7 +66,7 @@ class SqsResultSink:
         self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
 
 
-def _to_message(raw: dict[str, Any]) -> Message:
+def _to_message(raw: dict[str, Any], queue_url: str) -> Message:
     attrs = raw.get("Attributes", {})
     sent = attrs.get("SentTimestamp")
     return Message(
@@ -71,6 +75,7 @@ def _to_message(raw: dict[str, Any]) -> Message:
         body=raw.get("Body", ""),
         receive_count=int(attrs.get("ApproximateReceiveCount", "1")),
         sent_at=int(sent) / 1000.0 if sent else None,
+        queue=queue_url,
     )
 
 

@@ -84,6 +84,12 @@ class Telemetry:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.gpu_seconds = Counter(
+            "klein_gpu_seconds", "Seconds jobs held the model (GPU lock)", ["type"], registry=self.registry
+        )
+        self.cost_usd = Counter(
+            "klein_job_cost_usd", "Jobs' share of PRICE_PER_HOUR, USD", ["type"], registry=self.registry
+        )
         self.model_load = Gauge("klein_model_load_seconds", "Model load + warm-up", registry=self.registry)
         self.model_loaded = Gauge(
             "klein_model_loaded", "1 while the generation model is in memory", registry=self.registry
@@ -111,6 +117,9 @@ class Telemetry:
             self.job_seconds.labels(type=job_type).observe(fields["duration_ms"] / 1000)
         if isinstance(fields.get("queue_wait_ms"), int) and fields.get("attempt") == 1:
             self.queue_wait.observe(fields["queue_wait_ms"] / 1000)
+        for name, counter in (("gpu_seconds", self.gpu_seconds), ("cost_usd", self.cost_usd)):
+            if isinstance(fields.get(name), float | int):
+                counter.labels(type=job_type).inc(fields[name])
         for stage in STAGES:
             value = fields.get(f"timing_{stage}_ms")
             if isinstance(value, int):
