@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class LoraFiles:
         self.budget_bytes = budget_bytes
         self.max_file_bytes = max_file_bytes
         self._lock = threading.Lock()  # two jobs in hand may store at once
+        self._clock = 0
         directory.mkdir(parents=True, exist_ok=True)
 
     def fetch(self, loras: Sequence[LoraRef], *, transfer: Transfer) -> list[AdapterFile]:
@@ -75,15 +77,21 @@ class LoraFiles:
         path = self.directory / f"{sha256}{SUFFIX}"
         with self._lock:
             if path.exists():
-                path.touch()
+                self._mark_used(path)
             else:
                 # Write-then-rename: a crash mid-write never leaves a truncated file under a valid hash.
                 fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".part")
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
                 os.replace(tmp, path)
+                self._mark_used(path)
                 self._evict(keep=path)
         return sha256, path
+
+    def _mark_used(self, path: Path) -> None:
+        # The kernel stamps files at a coarse tick; two uses within one tick must still order.
+        self._clock = max(time.time_ns(), self._clock + 1)
+        os.utime(path, ns=(self._clock, self._clock))
 
     def _evict(self, *, keep: Path) -> None:
         entries = []
@@ -92,7 +100,7 @@ class LoraFiles:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            entries.append((stat.st_mtime, stat.st_size, path))
+            entries.append((stat.st_mtime_ns, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries, key=lambda e: e[0]):
             if total <= self.budget_bytes:
