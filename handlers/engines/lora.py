@@ -7,9 +7,9 @@ Two modes, chosen at boot:
   and ``disable_lora`` after the job puts every LoRA layer back on its base layer's own output
   (bit-identical to a transformer that never had an adapter). The ``MAX_RESIDENT`` most recent
   adapters stay loaded for the next job while VRAM allows.
-- hotswap (compiled transformer): before compiling, ``enable_lora_hotswap`` and ``MAX_LORAS``
-  all-zero slots of rank ``LORA_MAX_RANK`` on every Linear layer, so the compiled graphs contain
-  the LoRA path once. A job's adapters are hot-swapped into the slots
+- hotswap (compiled transformer): before compiling, ``MAX_LORAS`` all-zero slots of rank
+  ``LORA_MAX_RANK`` (3x that on the fused q/k/v projections) on every Linear layer, so the
+  compiled graphs contain the LoRA path once. A job's adapters are hot-swapped into the slots
   (``load_lora_weights(hotswap=True)``, weights copied in place: no recompile) with the job's
   scale folded into ``lora_B``, and the slots are zeroed after the job, which adds exactly 0.
   An adapter of higher rank than the slots is refused (``invalid_input``): a bigger tensor would
@@ -188,15 +188,22 @@ class LoraAdapters:
         self._loaded: OrderedDict[str, str] = OrderedDict()  # sha256 -> adapter name (eager mode)
         self._slots = [f"slot{i}" for i in range(max_loras)] if hotswap else []
 
+    def slot_rank(self, name: str) -> int:
+        """A slot's rank on one layer: ``LORA_MAX_RANK``, times 3 on a fused q/k/v projection,
+        which holds the three unfused projections' adapters side by side."""
+        parts = _FUSED.get(name.rsplit(".", 1)[-1])
+        return self.max_rank * (len(parts) if parts else 1)
+
     def prepare_slots(self) -> None:
-        """Hotswap mode: add the all-zero slots. Call before compiling the transformer."""
-        self.pipeline.enable_lora_hotswap(target_rank=self.max_rank)
+        """Hotswap mode: add the all-zero slots. Call before compiling the transformer.
+
+        The slots are created at their final rank, so diffusers' ``enable_lora_hotswap`` (which
+        pads the first adapter to one rank everywhere, 3x too small or too big for the fused
+        layers) is not needed; nor are its scaling tensors: the scaling stays 1 and each job's
+        scale is folded into ``lora_B``.
+        """
         for slot in self._slots:
-            zero = {}
-            for name, (fan_in, fan_out) in self.targets.items():
-                zero[f"transformer.{name}{_A}"] = torch.zeros(self.max_rank, fan_in)
-                zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, self.max_rank)
-            self.pipeline.load_lora_weights(zero, adapter_name=slot)
+            self.pipeline.load_lora_weights(self._zero_slot(), adapter_name=slot)
         self.pipeline.set_adapters(self._slots, [1.0] * len(self._slots))
         logger.info(
             "LoRA hotswap: %d slot(s) of rank %d on %d layers",
@@ -204,6 +211,15 @@ class LoraAdapters:
             self.max_rank,
             len(self.targets),
         )
+
+    def _zero_slot(self, skip: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        zero = {}
+        for name, (fan_in, fan_out) in self.targets.items():
+            if skip is None or name + _A not in skip:
+                rank = self.slot_rank(name)
+                zero[f"transformer.{name}{_A}"] = torch.zeros(rank, fan_in)
+                zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, rank)
+        return zero
 
     def read(self, files: Sequence[AdapterFile]) -> list[tuple[LoraWeights, float]]:
         """Check a job's adapter files (cached by content hash) and pair them with their scales."""
@@ -215,11 +231,8 @@ class LoraAdapters:
             self._parsed[file.sha256] = weights
             while len(self._parsed) > MAX_RESIDENT:
                 self._parsed.popitem(last=False)
-            if self.hotswap and weights.rank > self.max_rank:
-                raise InvalidInput(
-                    f"{file.field}: rank {weights.rank} is above LORA_MAX_RANK={self.max_rank}, the largest "
-                    "this compiled worker swaps in without recompiling"
-                )
+            if self.hotswap:
+                self._check_rank(weights, file.field)
             checked.append((weights, file.scale))
         return checked
 
@@ -276,15 +289,27 @@ class LoraAdapters:
 
     # -- hotswap mode --------------------------------------------------------------------------
 
+    def _check_rank(self, weights: LoraWeights, field: str) -> None:
+        for key, value in weights.state.items():
+            name = key.removesuffix(_A)
+            if key.endswith(_A) and value.shape[0] > self.slot_rank(name):
+                raise InvalidInput(
+                    f"{field}: rank {value.shape[0]} on {name!r} is above this compiled worker's "
+                    f"LORA_MAX_RANK={self.max_rank} (x3 on fused q/k/v projections): a larger adapter "
+                    "would recompile the model during the job"
+                )
+
     def _swap_in(self, adapters: Sequence[tuple[LoraWeights, float]]) -> None:
         for slot, (weights, scale) in zip(self._slots, adapters, strict=False):
-            state = {}
+            # Every slot layer, padded to the slot's rank (zeros add nothing): the same keys, shapes
+            # and so the same LoraConfig as the slot, which hotswapping requires. The job's scale
+            # goes into lora_B; the slot's own scaling stays 1.
+            state = self._zero_slot(skip=weights.state)
             for key, value in weights.state.items():
-                # Pad to the slots' rank (zeros add nothing) so every module has the slot's shape
-                # and config; the job's scale goes into lora_B, the slot's own scaling stays 1.
-                pad = self.max_rank - value.shape[0 if key.endswith(_A) else 1]
-                padded = torch.nn.functional.pad(value, (0, 0, 0, pad) if key.endswith(_A) else (0, pad))
-                state[f"transformer.{key}"] = padded * scale if key.endswith(_B) else padded
+                is_a = key.endswith(_A)
+                pad = self.slot_rank(key.removesuffix(_A if is_a else _B)) - value.shape[0 if is_a else 1]
+                padded = torch.nn.functional.pad(value, (0, 0, 0, pad) if is_a else (0, pad))
+                state[f"transformer.{key}"] = padded if is_a else padded * scale
             self.pipeline.load_lora_weights(state, adapter_name=slot, hotswap=True)
 
     def _clear_slots(self) -> None:
