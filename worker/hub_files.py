@@ -12,8 +12,6 @@ import logging
 from pathlib import Path
 
 import requests
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from handlers.errors import DownloadFailed, InvalidInput
 
@@ -35,6 +33,10 @@ class HubFiles:
                 f"{field}.repo: this worker has no Hugging Face hub access (HF_HUB_OFFLINE); "
                 "give the adapter as a url instead"
             )
+        # Imported here: huggingface_hub comes with the GPU stack (diffusers), not the base install.
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
         try:
             found = HfApi(token=self._token).get_paths_info(repo, [filename])
             size = getattr(found[0], "size", None) if found else None
