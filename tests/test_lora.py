@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from handlers.errors import DownloadFailed, InvalidInput
 from handlers.lora_files import LoraFiles
 from tests.conftest import results, run_worker, s3_image, send
 from tests.lora_files import make_adapter, wrong_size_adapter, wrong_target_adapter
@@ -191,3 +192,44 @@ def test_adapter_files_are_kept_by_content_hash_under_a_byte_budget(tmp_path: Pa
     files.store(b"c" * 100)  # 300 bytes > 250: the least recently used ("b") goes
     kept = sorted(p.read_bytes()[:1] for p in tmp_path.glob("*.safetensors"))
     assert kept == [b"a", b"c"]
+
+
+@pytest.fixture
+def fake_hub(adapters: dict[str, bytes]) -> Any:
+    from tests.fake_hub import FakeHub
+
+    hub = FakeHub({"studio/styles": {"a/style.safetensors": adapters["style-a"]}})
+    yield hub
+    hub.close()
+
+
+def test_a_hub_adapter_is_fetched_with_its_size_checked_first(fake_hub, lora_engines, adapters, tmp_path):
+    from handlers.schemas import LoraRef
+    from worker.hub_files import HubFiles
+    from worker.transfer import TransferClient
+
+    transfer = TransferClient(hub=HubFiles(endpoint=fake_hub.url, cache_dir=str(tmp_path / "hub")))
+    files = LoraFiles(directory=tmp_path / "loras", budget_bytes=10**9, max_file_bytes=10**7)
+    ref = LoraRef(repo="studio/styles", weight_name="a/style.safetensors", scale=0.8)
+    (got,) = files.fetch([ref], transfer=transfer)
+    assert got.path.read_bytes() == adapters["style-a"] and got.scale == 0.8
+    assert (
+        got.sha256
+        == LoraFiles(directory=tmp_path / "again", budget_bytes=1, max_file_bytes=1).store(
+            adapters["style-a"]
+        )[0]
+    )
+
+    missing = LoraRef(repo="studio/styles", weight_name="b.safetensors")
+    with pytest.raises(InvalidInput, match=r"^input\.loras\[0\]\.weight_name: studio/styles has no file"):
+        files.fetch([missing], transfer=transfer)
+    with pytest.raises(
+        DownloadFailed, match=r"^input\.loras\[0\]: nobody/none/x\.safetensors not found"
+    ) as err:
+        files.fetch([LoraRef(repo="nobody/none", weight_name="x.safetensors")], transfer=transfer)
+    assert not err.value.retryable
+    small = LoraFiles(directory=tmp_path / "small", budget_bytes=10**9, max_file_bytes=100)
+    fake_hub.requests.clear()
+    with pytest.raises(InvalidInput, match="MAX_LORA_BYTES"):
+        small.fetch([ref], transfer=transfer)
+    assert [method for method, _ in fake_hub.requests] == ["POST"]  # refused from the listing

@@ -3,6 +3,7 @@ torchao-quantized, nunchaku. Engine-level: the queue path is covered by test_lor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -119,3 +120,20 @@ def test_no_adapter_handling_when_max_loras_is_zero(tmp_path: Path) -> None:
         )
         is None
     )
+
+
+def test_loaded_adapters_beyond_the_resident_limit_are_unloaded(files, monkeypatch) -> None:
+    monkeypatch.setattr("handlers.engines.lora.MAX_RESIDENT", 1)
+    engine = build_engine(build_tiny_pipeline(), name="evicting", device=CPU, max_loras=2)
+    assert engine.loras is not None
+    base = _image(engine)
+    first = _image(engine, files[:1])
+    _image(engine, files[1:])  # loading the second unloads the first
+    assert len(engine.pipeline.get_list_adapters()["transformer"]) == 1
+    assert np.array_equal(_image(engine, files[:1]), first)  # reloaded, same result
+    assert np.array_equal(_image(engine), base)
+
+
+def test_the_same_adapter_twice_in_a_job_adds_its_scales(eager: KleinEngine, files) -> None:
+    half = dataclasses.replace(files[0], scale=0.4)
+    assert np.abs(_image(eager, [half, half]) - _image(eager, files[:1])).max() <= 1  # 0.4 + 0.4 = 0.8

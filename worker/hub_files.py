@@ -20,11 +20,17 @@ logger = logging.getLogger(__name__)
 
 class HubFiles:
     def __init__(
-        self, *, token: str | None = None, offline: bool = False, cache_dir: str | None = None
+        self,
+        *,
+        token: str | None = None,
+        offline: bool = False,
+        cache_dir: str | None = None,
+        endpoint: str | None = None,  # None: huggingface_hub's (HF_ENDPOINT or the public hub)
     ) -> None:
         self._token = token
         self.offline = offline
         self._cache_dir = cache_dir
+        self._endpoint = endpoint
 
     def download(self, repo: str, filename: str, *, field: str, max_bytes: int) -> bytes:
         """The file's bytes, or ``InvalidInput`` (offline, missing, too large) / ``DownloadFailed``."""
@@ -38,7 +44,7 @@ class HubFiles:
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
         try:
-            found = HfApi(token=self._token).get_paths_info(repo, [filename])
+            found = HfApi(token=self._token, endpoint=self._endpoint).get_paths_info(repo, [filename])
             size = getattr(found[0], "size", None) if found else None
             if size is None:
                 raise InvalidInput(f"{field}.weight_name: {repo} has no file {filename}")
@@ -47,7 +53,9 @@ class HubFiles:
                     f"{field}: {repo}/{filename} is larger than the {max_bytes} byte download limit "
                     "(MAX_LORA_BYTES)"
                 )
-            path = hf_hub_download(repo, filename, token=self._token, cache_dir=self._cache_dir)
+            path = hf_hub_download(
+                repo, filename, token=self._token, cache_dir=self._cache_dir, endpoint=self._endpoint
+            )
         except (RepositoryNotFoundError, EntryNotFoundError) as exc:
             # Gated and private repos the token cannot read answer like missing ones.
             raise DownloadFailed(
