@@ -10,11 +10,12 @@ Two modes, chosen at boot:
 - hotswap (compiled transformer): before compiling, ``MAX_LORAS`` all-zero slots of rank
   ``LORA_MAX_RANK`` (3x that on the fused q/k/v projections) on every Linear layer, so the
   compiled graphs contain the LoRA path once. A job's adapters are hot-swapped into the slots
-  (``load_lora_weights(hotswap=True)``, weights copied in place: no recompile) with the job's
-  scale folded into ``lora_B``, and the slots are zeroed after the job, which adds exactly 0.
+  (peft's ``hotswap_adapter_from_state_dict``, what diffusers' hotswap runs: weights copied in
+  place, no recompile) with the job's scale folded into ``lora_B``, and the slots are zeroed
+  after the job, which adds exactly 0.
   An adapter of higher rank than the slots is refused (``invalid_input``): a bigger tensor would
   recompile every graph in the middle of a job. The slots cost memory and per-image time on every
-  job (measured in BENCHMARKS.md); ``MAX_LORAS=0`` leaves them out.
+  job (not measured yet: no GPU so far); ``MAX_LORAS=0`` leaves them out.
 
 The worker fuses the double-stream blocks' q/k/v projections (``speed.fuse_qkv``), while LoRAs
 are trained on the unfused ``to_q``/``to_k``/``to_v``. diffusers maps adapters onto fused
@@ -212,13 +213,12 @@ class LoraAdapters:
             len(self.targets),
         )
 
-    def _zero_slot(self, skip: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def _zero_slot(self) -> dict[str, torch.Tensor]:
         zero = {}
         for name, (fan_in, fan_out) in self.targets.items():
-            if skip is None or name + _A not in skip:
-                rank = self.slot_rank(name)
-                zero[f"transformer.{name}{_A}"] = torch.zeros(rank, fan_in)
-                zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, rank)
+            rank = self.slot_rank(name)
+            zero[f"transformer.{name}{_A}"] = torch.zeros(rank, fan_in)
+            zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, rank)
         return zero
 
     def read(self, files: Sequence[AdapterFile]) -> list[tuple[LoraWeights, float]]:
@@ -300,17 +300,22 @@ class LoraAdapters:
                 )
 
     def _swap_in(self, adapters: Sequence[tuple[LoraWeights, float]]) -> None:
+        """peft's hotswap, as diffusers' ``load_lora_weights(hotswap=True)`` runs it, but against
+        the slot's own config: copies in place, zero-fills the slot's layers the adapter leaves
+        out and the rank it does not use, and keeps the slot's scaling of 1. (Through diffusers,
+        the adapter's config is derived from its own keys and must equal the slot's, which with
+        the fused layers' 3x rank holds only if every slot layer is sent, zeros included.)"""
+        from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+        transformer = self.pipeline.transformer
         for slot, (weights, scale) in zip(self._slots, adapters, strict=False):
-            # Every slot layer, padded to the slot's rank (zeros add nothing): the same keys, shapes
-            # and so the same LoraConfig as the slot, which hotswapping requires. The job's scale
-            # goes into lora_B; the slot's own scaling stays 1.
-            state = self._zero_slot(skip=weights.state)
+            state = {}
             for key, value in weights.state.items():
-                is_a = key.endswith(_A)
-                pad = self.slot_rank(key.removesuffix(_A if is_a else _B)) - value.shape[0 if is_a else 1]
-                padded = torch.nn.functional.pad(value, (0, 0, 0, pad) if is_a else (0, pad))
-                state[f"transformer.{key}"] = padded if is_a else padded * scale
-            self.pipeline.load_lora_weights(state, adapter_name=slot, hotswap=True)
+                name, kind = key.removesuffix(".weight").rsplit(".", 1)  # kind: lora_A / lora_B
+                state[f"{name}.{kind}.{slot}.weight"] = value * scale if kind == "lora_B" else value
+            hotswap_adapter_from_state_dict(
+                transformer, state, adapter_name=slot, config=transformer.peft_config[slot]
+            )
 
     def _clear_slots(self) -> None:
         from peft.tuners.lora import LoraLayer
