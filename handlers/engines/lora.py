@@ -38,7 +38,7 @@ from diffusers import Flux2KleinPipeline
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
-from handlers.errors import InvalidInput
+from handlers.errors import InvalidInput, JobError
 from handlers.lora_files import AdapterFile
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ def read_adapter(file: AdapterFile, *, targets: Targets) -> LoraWeights:
         with safe_open(str(file.path), framework="pt"):
             pass  # the header parses: a safetensors file
         state, metadata = Flux2KleinPipeline.lora_state_dict(str(file.path), return_lora_metadata=True)
+    except FileNotFoundError:
+        # Evicted by another worker process sharing the cache folder (one per GPU): not the job's fault.
+        raise JobError(f"{field}: the adapter file left the cache before it loaded", retryable=True) from None
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InvalidInput(f"{field}: not a LoRA safetensors file ({type(exc).__name__})") from None
     state = {key.removeprefix("transformer."): value for key, value in state.items()}
