@@ -6,17 +6,17 @@
 
 Builds the full-size architecture with random weights (as ``bench_gpu.py`` does) and two random
 adapters of ``--rank`` on every Linear layer of the transformer blocks, written to local files
-(download time excluded: it is a network figure, not a GPU one). Per mode (``eager``: diffusers'
-load/set_adapters; ``compiled``: hotswap slots of ``--max-rank`` compiled in), on the worker's own
-engine and ``LoraAdapters``:
+(download time excluded: it is a network figure, not a GPU one). Per mode (``eager``:
+diffusers' load/set_adapters; ``compiled``: the hotswap slot for adapters of ``--max-rank``
+compiled in), on the worker's own engine and ``LoraAdapters``:
 
 - ``first_use_s``: entering a job's adapter context for an adapter never seen (parse, check,
   load or swap in), median over fresh adapters;
 - ``switch_s``: entering it for an adapter already parsed (and, eager, loaded), alternating two;
-- ``leave_s``: leaving it (disable, or zeroing the slots);
+- ``leave_s``: leaving it (disable, or zeroing the slot);
 - ``s_per_image`` without an adapter and ``s_per_image_lora`` with one active (median of --runs);
 - with ``--slot-overhead`` (compiled only, one more compile): ``s_per_image_no_slots`` on an engine
-  built with ``MAX_LORAS=0``, the cost every job pays for the slots.
+  built with ``MAX_LORAS=0``, the cost every job pays for the slot.
 Prints JSON, then a markdown table.
 """
 
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16, help="adapter rank per layer (x3 on fused q/k/v)")
-    parser.add_argument("--max-rank", type=int, default=64, help="LORA_MAX_RANK of the compiled slots")
+    parser.add_argument("--max-rank", type=int, default=64, help="LORA_MAX_RANK of the compiled slot")
     parser.add_argument("--adapters", type=int, default=3, help="fresh adapters for the first-use median")
     parser.add_argument("--slot-overhead", action="store_true", help="compiled: also time MAX_LORAS=0")
     parser.add_argument("--compile-backend", default="inductor", help="'eager' traces only (for --smoke)")

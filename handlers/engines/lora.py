@@ -7,14 +7,15 @@ Two modes, chosen at boot:
   and ``disable_lora`` after the job puts every LoRA layer back on its base layer's own output
   (bit-identical to a transformer that never had an adapter). The ``MAX_RESIDENT`` most recent
   adapters stay loaded for the next job while VRAM allows.
-- hotswap (compiled transformer): before compiling, ``MAX_LORAS`` all-zero slots of rank
-  ``LORA_MAX_RANK`` (3x that on the fused q/k/v projections) on every Linear layer, so the
-  compiled graphs contain the LoRA path once. A job's adapters are hot-swapped into the slots
+- hotswap (compiled transformer): before compiling, an all-zero adapter slot on every Linear
+  layer with room for ``MAX_LORAS`` adapters of rank ``LORA_MAX_RANK`` (3x that on the fused
+  q/k/v projections), so the compiled graphs contain the LoRA path once. A job's adapters are
+  hot-swapped into the slot
   (peft's ``hotswap_adapter_from_state_dict``, what diffusers' hotswap runs: weights copied in
-  place, no recompile) with the job's scale folded into ``lora_B``, and the slots are zeroed
+  place, no recompile) with the job's scale folded into ``lora_B``, and the slot is zeroed
   after the job, which adds exactly 0.
   An adapter of higher rank than the slots is refused (``invalid_input``): a bigger tensor would
-  recompile every graph in the middle of a job. The slots cost memory and per-image time on every
+  recompile every graph in the middle of a job. The slot costs memory and per-image time on every
   job (not measured yet: no GPU so far); ``MAX_LORAS=0`` leaves them out.
 
 The worker fuses the double-stream blocks' q/k/v projections (``speed.fuse_qkv``), while LoRAs
@@ -49,6 +50,7 @@ MAX_RESIDENT = 4
 # Keep loaded adapters only while this much GPU memory stays free for activations.
 KEEP_FREE_BYTES = 2 * 1024**3
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+SLOT = "job_loras"  # the compiled worker's one adapter slot
 # Fused projection -> the unfused ones it replaced, in the order of its output rows.
 _FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
@@ -190,39 +192,35 @@ class LoraAdapters:
         self.targets = linear_targets(pipeline.transformer)
         self._parsed: OrderedDict[str, LoraWeights] = OrderedDict()  # sha256 -> checked weights
         self._loaded: OrderedDict[str, str] = OrderedDict()  # sha256 -> adapter name (eager mode)
-        self._slots = [f"slot{i}" for i in range(max_loras)] if hotswap else []
 
-    def slot_rank(self, name: str) -> int:
-        """A slot's rank on one layer: ``LORA_MAX_RANK``, times 3 on a fused q/k/v projection,
-        which holds the three unfused projections' adapters side by side."""
+    def adapter_rank(self, name: str) -> int:
+        """The largest rank one adapter may have on a layer of a compiled worker:
+        ``LORA_MAX_RANK``, times 3 on a fused q/k/v projection (its three parts side by side)."""
         parts = _FUSED.get(name.rsplit(".", 1)[-1])
         return self.max_rank * (len(parts) if parts else 1)
 
     def prepare_slots(self) -> None:
-        """Hotswap mode: add the all-zero slots. Call before compiling the transformer.
+        """Hotswap mode: add the all-zero slot. Call before compiling the transformer.
 
-        The slots are created at their final rank, so diffusers' ``enable_lora_hotswap`` (which
-        pads the first adapter to one rank everywhere, 3x too small or too big for the fused
-        layers) is not needed; nor are its scaling tensors: the scaling stays 1 and each job's
-        scale is folded into ``lora_B``.
+        One adapter slot with room for ``MAX_LORAS`` adapters side by side (their ranks stacked):
+        the same arithmetic as one slot each, in half the kernel launches with two. It is created
+        at its final rank, so diffusers' ``enable_lora_hotswap`` (which pads the first adapter to
+        one rank everywhere, wrong for the fused layers' 3x) is not needed; nor are its scaling
+        tensors: the scaling stays 1 and each job's scale is folded into ``lora_B``.
         """
-        for slot in self._slots:
-            self.pipeline.load_lora_weights(self._zero_slot(), adapter_name=slot)
-        self.pipeline.set_adapters(self._slots, [1.0] * len(self._slots))
+        zero = {}
+        for name, (fan_in, fan_out) in self.targets.items():
+            rank = self.adapter_rank(name) * self.max_loras
+            zero[f"transformer.{name}{_A}"] = torch.zeros(rank, fan_in)
+            zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, rank)
+        self.pipeline.load_lora_weights(zero, adapter_name=SLOT)
+        self.pipeline.set_adapters([SLOT], [1.0])
         logger.info(
-            "LoRA hotswap: %d slot(s) of rank %d on %d layers",
-            len(self._slots),
+            "LoRA hotswap: a slot for %d adapter(s) of rank %d on %d layers",
+            self.max_loras,
             self.max_rank,
             len(self.targets),
         )
-
-    def _zero_slot(self) -> dict[str, torch.Tensor]:
-        zero = {}
-        for name, (fan_in, fan_out) in self.targets.items():
-            rank = self.slot_rank(name)
-            zero[f"transformer.{name}{_A}"] = torch.zeros(rank, fan_in)
-            zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, rank)
-        return zero
 
     def read(self, files: Sequence[AdapterFile]) -> list[tuple[LoraWeights, float]]:
         """Check a job's adapter files (cached by content hash) and pair them with their scales."""
@@ -295,7 +293,7 @@ class LoraAdapters:
     def _check_rank(self, weights: LoraWeights, field: str) -> None:
         for key, value in weights.state.items():
             name = key.removesuffix(_A)
-            if key.endswith(_A) and value.shape[0] > self.slot_rank(name):
+            if key.endswith(_A) and value.shape[0] > self.adapter_rank(name):
                 raise InvalidInput(
                     f"{field}: rank {value.shape[0]} on {name!r} is above this compiled worker's "
                     f"LORA_MAX_RANK={self.max_rank} (x3 on fused q/k/v projections): a larger adapter "
@@ -303,33 +301,39 @@ class LoraAdapters:
                 )
 
     def _swap_in(self, adapters: Sequence[tuple[LoraWeights, float]]) -> None:
-        """peft's hotswap, as diffusers' ``load_lora_weights(hotswap=True)`` runs it, but against
-        the slot's own config: copies in place, zero-fills the slot's layers the adapter leaves
-        out and the rank it does not use, and keeps the slot's scaling of 1. (Through diffusers,
-        the adapter's config is derived from its own keys and must equal the slot's, which with
-        the fused layers' 3x rank holds only if every slot layer is sent, zeros included.)"""
+        """The job's adapters stacked into the slot (B1 A1 s1 + B2 A2 s2 = [B1 s1, B2 s2] [A1; A2])
+        by peft's hotswap, as diffusers' ``load_lora_weights(hotswap=True)`` runs it but against
+        the slot's own config: copied in place, the rest of the slot zero-filled, its scaling left
+        at 1. (Through diffusers the config is derived from the new keys and must equal the
+        slot's, which with the fused layers' 3x rank holds only if every layer is sent, zeros
+        included: hundreds of MB per job on klein-4B.)"""
         from peft.utils.hotswap import hotswap_adapter_from_state_dict
 
-        transformer = self.pipeline.transformer
-        for slot, (weights, scale) in zip(self._slots, adapters, strict=False):
-            state = {}
+        downs: dict[str, list[torch.Tensor]] = {}
+        ups: dict[str, list[torch.Tensor]] = {}
+        for weights, scale in adapters:
             for key, value in weights.state.items():
-                name, kind = key.removesuffix(".weight").rsplit(".", 1)  # kind: lora_A / lora_B
-                state[f"{name}.{kind}.{slot}.weight"] = value * scale if kind == "lora_B" else value
-            hotswap_adapter_from_state_dict(
-                transformer, state, adapter_name=slot, config=transformer.peft_config[slot]
-            )
+                if key.endswith(_A):
+                    downs.setdefault(key.removesuffix(_A), []).append(value)
+                else:
+                    ups.setdefault(key.removesuffix(_B), []).append(value * scale)
+        state = {}
+        for name in downs:
+            state[f"{name}.lora_A.{SLOT}.weight"] = torch.cat(downs[name], dim=0)
+            state[f"{name}.lora_B.{SLOT}.weight"] = torch.cat(ups[name], dim=1)
+        transformer = self.pipeline.transformer
+        hotswap_adapter_from_state_dict(
+            transformer, state, adapter_name=SLOT, config=transformer.peft_config[SLOT]
+        )
 
     def _clear_slots(self) -> None:
         from peft.tuners.lora import LoraLayer
 
         with torch.no_grad():
             for module in self.pipeline.transformer.modules():
-                if isinstance(module, LoraLayer):
-                    for slot in self._slots:
-                        if slot in module.lora_A:
-                            module.lora_A[slot].weight.zero_()
-                            module.lora_B[slot].weight.zero_()
+                if isinstance(module, LoraLayer) and SLOT in module.lora_A:
+                    module.lora_A[SLOT].weight.zero_()
+                    module.lora_B[SLOT].weight.zero_()
 
 
 def create_lora_adapters(
