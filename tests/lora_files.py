@@ -56,13 +56,13 @@ def wrong_target_adapter(directory: Path) -> bytes:
     )
 
 
-def wrong_size_adapter(directory: Path) -> bytes:
+def wrong_size_adapter(directory: Path, layer: str = "to_out.0") -> bytes:
     """A LoRA on the right layer names but for a wider model (another klein size)."""
     return safetensors_bytes(
         directory,
         {
-            "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": torch.randn(4, 64),
-            "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": torch.randn(64, 4),
+            f"transformer.transformer_blocks.0.attn.{layer}.lora_A.weight": torch.randn(4, 64),
+            f"transformer.transformer_blocks.0.attn.{layer}.lora_B.weight": torch.randn(64, 4),
         },
-        "wide",
+        f"wide-{layer}",
     )

@@ -36,6 +36,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "corrupt": b"\x00\x01 this is not a safetensors file" * 10,
         "wrong-target": wrong_target_adapter(folder),
         "wrong-size": wrong_size_adapter(folder),
+        "wrong-size-q": wrong_size_adapter(folder, "to_q"),  # a part of the fused q/k/v
     }
 
 
@@ -122,6 +123,7 @@ def test_two_adapters_in_a_row_and_together(stack, lora_engines, adapters):
         ("corrupt", "not a LoRA safetensors file"),
         ("wrong-target", "match no layer of this transformer"),
         ("wrong-size", "a LoRA for another model size"),
+        ("wrong-size-q", "layer 'transformer_blocks.0.attn.to_q' is 32->32 here"),
     ],
 )
 def test_a_bad_adapter_file_is_invalid_input_naming_it(stack, lora_engines, adapters, name, message):

@@ -92,7 +92,7 @@ def read_adapter(file: AdapterFile, *, targets: Targets) -> LoraWeights:
     pairs = _pairs(state, field)
     config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
     pairs = {name: (a, b * _scaling(name, a.shape[0], config)) for name, (a, b) in pairs.items()}
-    pairs = _fuse_qkv(pairs, targets)
+    pairs = _fuse_qkv(pairs, targets, field)
     _check_targets(pairs, targets, field)
     weights = {}
     for name, (a, b) in pairs.items():
@@ -132,7 +132,9 @@ def _scaling(name: str, rank: int, config: Mapping[str, Any]) -> float:
     return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
 
 
-def _fuse_qkv(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: Targets) -> dict[str, Any]:
+def _fuse_qkv(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: Targets, field: str
+) -> dict[str, Any]:
     pairs = dict(pairs)
     for fused, parts in _FUSED.items():
         prefixes = {n.rsplit(".", 1)[0] for n in pairs if n.rsplit(".", 1)[-1] in parts}
@@ -141,7 +143,14 @@ def _fuse_qkv(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: Targ
             if target not in targets:
                 continue  # unfused model (nunchaku never gets here): the parts are real layers
             found = [pairs.pop(f"{prefix}.{p}", None) for p in parts]
-            out_each = targets[target][1] // len(parts)
+            fan_in, fan_out = targets[target]
+            out_each = fan_out // len(parts)
+            for part, f in zip(parts, found, strict=True):
+                if f is not None and (f[0].shape[1], f[1].shape[0]) != (fan_in, out_each):
+                    raise InvalidInput(
+                        f"{field}: layer '{prefix}.{part}' is {fan_in}->{out_each} here, the adapter's is "
+                        f"{f[0].shape[1]}->{f[1].shape[0]} (a LoRA for another model size?)"
+                    )
             downs = [a for a, _ in (f for f in found if f is not None)]
             if all(f is not None for f in found) and all(torch.equal(downs[0], a) for a in downs[1:]):
                 a = downs[0]  # one shared down-projection (BFL's fused qkv LoRA): rank stays
