@@ -13,6 +13,7 @@ from handlers.gpu_lock import TimedLock
 if TYPE_CHECKING:
     from handlers.engines.klein import KleinEngine
     from handlers.engines.upscaler import Upscaler
+    from handlers.lora_files import LoraFiles
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Engines:
     gpu: TimedLock = field(default_factory=TimedLock)  # also counts each job's gpu_seconds
     load_klein: Callable[[], KleinEngine] | None = None
     label: str | None = None  # the variant's name before its engine exists
+    lora_files: LoraFiles | None = None  # adapter files on disk; None when MAX_LORAS=0
 
     @property
     def model_name(self) -> str:

@@ -1,9 +1,10 @@
 """The ``generate`` handler: a batch of prompts, shared references, optional upscale, one upload each.
 
-Reads top to bottom like a diffusers ``__call__``: 1. seeds, 2. references, 3. inference,
-4. per-image upscale/encode/upload, 5. output. Transient failures raise (the whole job is
-retried, seeds make it reproduce the same images); a permanent failure of one image's upload
-is reported on that item and the others still succeed (``partial``).
+Reads top to bottom like a diffusers ``__call__``: 1. seeds, 2. references, 3. LoRA adapter
+files, 4. inference (with the job's adapters on), 5. per-image upscale/encode/upload, 6. output.
+Transient failures raise (the whole job is retried, seeds make it reproduce the same images); a
+permanent failure of one image's upload is reported on that item and the others still succeed
+(``partial``).
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from handlers.dispatch import Engines, is_oom, oom_error
-from handlers.errors import JobError
+from handlers.errors import InvalidInput, JobError
 from handlers.imaging import encode_image
+from handlers.lora_files import AdapterFile
 from handlers.ports import Transfer
 from handlers.schemas import GeneratedImage, GenerateInput, GenerateOutput
 from handlers.upscale import elapsed_ms, upscale_image
+
+if TYPE_CHECKING:
+    from handlers.engines.klein import KleinEngine
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +47,24 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
         transfer.download_image(ref.url, field=f"images[{i}].url") for i, ref in enumerate(inp.images)
     ]
 
-    # 3. Inference: one batched call.
+    # 3. LoRA adapter files: fetched through the guarded path, kept on disk by content hash.
+    adapter_files = _fetch_adapters(inp, engines=engines, transfer=transfer)
+
+    # 4. Inference: one batched call, the job's adapters on for it and off after it.
     t0 = time.perf_counter()
     try:
         with engines.gpu:
-            images = engines.generation_engine().generate(
-                prompts=list(inp.prompts),
-                seeds=seeds,
-                references=references,
-                width=inp.width,
-                height=inp.height,
-                num_steps=inp.num_steps,
-                guidance_scale=inp.guidance_scale,
-            )
+            engine = engines.generation_engine()
+            with _adapters_applied(engine, adapter_files):
+                images = engine.generate(
+                    prompts=list(inp.prompts),
+                    seeds=seeds,
+                    references=references,
+                    width=inp.width,
+                    height=inp.height,
+                    num_steps=inp.num_steps,
+                    guidance_scale=inp.guidance_scale,
+                )
     except Exception as exc:
         if is_oom(exc):
             raise oom_error(
@@ -63,7 +75,7 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
         raise
     inference_ms = elapsed_ms(t0) // max(1, len(images))  # each image's share of the batched call
 
-    # 4. Per image: upscale, encode, upload.
+    # 5. Per image: upscale, encode, upload.
     results = [
         _finish_one(i, image, seeds[i], inference_ms, inp, engines=engines, transfer=transfer)
         for i, image in enumerate(images)
@@ -72,11 +84,27 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
         with engines.gpu:
             engines.upscaler.after_job()  # release the weights unless VRAM allows keeping them
 
-    # 5. Output; a batch where nothing landed is a failed job, not a partial one.
+    # 6. Output; a batch where nothing landed is a failed job, not a partial one.
     if not any(r.success for r in results):
         first = results[0].error or {"code": "internal", "message": "no image produced"}
         raise JobError(first["message"], code=first["code"], retryable=False)  # type: ignore[arg-type]
     return GenerateOutput(results=results, timing_total_ms=elapsed_ms(started))
+
+
+def _fetch_adapters(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> list[AdapterFile]:
+    if not inp.loras:
+        return []
+    if engines.lora_files is None:
+        raise InvalidInput("input.loras: this worker takes no LoRA adapters (MAX_LORAS=0)")
+    return engines.lora_files.fetch(inp.loras, transfer=transfer)
+
+
+def _adapters_applied(engine: KleinEngine, files: list[AdapterFile]) -> AbstractContextManager[None]:
+    if not files:
+        return nullcontext()
+    if engine.loras is None:
+        raise InvalidInput("input.loras: this worker takes no LoRA adapters (MAX_LORAS=0)")
+    return engine.loras.applied(files)
 
 
 def _finish_one(

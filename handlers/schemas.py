@@ -21,9 +21,14 @@ MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
 class Limits:
     max_batch: int = 8
     max_references: int = 16
+    max_loras: int = 2
 
     def as_context(self) -> dict[str, int]:
-        return {"max_batch": self.max_batch, "max_references": self.max_references}
+        return {
+            "max_batch": self.max_batch,
+            "max_references": self.max_references,
+            "max_loras": self.max_loras,
+        }
 
 
 def _http_url(value: str) -> str:
@@ -50,6 +55,42 @@ class ImageRef(_Strict):
         return _http_url(v)
 
 
+# A Hugging Face repo id: owner/name, the characters the hub allows.
+_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+# A file inside that repo: path segments without "..", ending in .safetensors (no pickles).
+_WEIGHT_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._/-]{0,199}\.safetensors$"
+MAX_LORA_SCALE = 2.0
+
+
+class LoraRef(_Strict):
+    """One LoRA adapter for this job: a URL (fetched like a reference image) or a hub file."""
+
+    url: HttpUrl | None = None
+    repo: Annotated[str, Field(pattern=_REPO_ID)] | None = None
+    weight_name: Annotated[str, Field(pattern=_WEIGHT_NAME)] = "pytorch_lora_weights.safetensors"
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v)
+
+    @field_validator("weight_name")
+    @classmethod
+    def _no_parent(cls, v: str) -> str:
+        if ".." in v.split("/"):
+            raise ValueError("must be a path inside the repo")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraRef:
+        if (self.url is None) == (self.repo is None):
+            raise ValueError('give either "url" or "repo" (with "weight_name"), not both or neither')
+        if self.url is not None and "weight_name" in self.model_fields_set:
+            raise ValueError('"weight_name" goes with "repo", not with "url"')
+        return self
+
+
 def _side(value: int) -> int:
     if not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
         raise ValueError(f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}")
@@ -68,6 +109,7 @@ class GenerateInput(_Strict):
     upscale: Literal[2, 4] | None = None
     output_format: OutputFormat = "png"
     quality: int = Field(default=90, ge=1, le=100)
+    loras: list[LoraRef] = Field(default_factory=list)
 
     @field_validator("prompts")
     @classmethod
@@ -90,6 +132,14 @@ class GenerateInput(_Strict):
         max_refs = (info.context or {}).get("max_references", Limits.max_references)
         if len(v) > max_refs:
             raise ValueError(f"at most {max_refs} reference images (MAX_REFERENCES), got {len(v)}")
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: list[LoraRef], info: ValidationInfo) -> list[LoraRef]:
+        max_loras = (info.context or {}).get("max_loras", Limits.max_loras)
+        if len(v) > max_loras:
+            raise ValueError(f"at most {max_loras} LoRA adapters per job (MAX_LORAS), got {len(v)}")
         return v
 
     @field_validator("width", "height")

@@ -34,10 +34,15 @@ def test_demo_runs_the_samples_and_saves_images(tmp_path):
         "batch-2.webp",
         "photo-x4.png",
         "urgent-x2.png",
+        "lighthouse-lora.webp",
     }
     assert saved["story-1.png"].size == (256, 256) and saved["story-1.png"].format == "PNG"
     assert saved["batch-0.webp"].size == (256, 320) and saved["batch-0.webp"].format == "WEBP"
     assert saved["photo-x4.png"].size == (512, 384)
+    # The LoRA job: the batch's lighthouse (same size and seed) with an adapter applied.
+    assert saved["lighthouse-lora.webp"].size == (256, 320)
+    assert saved["lighthouse-lora.webp"].tobytes() != saved["batch-1.webp"].tobytes()
+    assert "demo-lora" in proc.stdout
     assert "demo-invalid" in proc.stdout and "invalid_input" in proc.stdout
     # The urgent job went through the high-priority queue (QUEUE_URLS), and its result says so.
     assert saved["urgent-x2.png"].size == (256, 192)

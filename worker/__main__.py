@@ -48,7 +48,7 @@ def demo(
 ) -> None:
     """Run the whole loop locally: embedded SQS + S3, sample jobs, the tiny model on CPU."""
     from worker.app import boot_engines, build_runner
-    from worker.demo import DEMO_SIZE, REAL_SIZE, default_model, run_demo
+    from worker.demo import DEMO_SIZE, REAL_SIZE, default_model, demo_adapter, run_demo
     from worker.gpu import probe_gpus
     from worker.local import start_local_stack
 
@@ -82,7 +82,9 @@ def demo(
                 return build_runner(settings, engines=engines, on_event=on_event).run(burst=True)
 
         size = DEMO_SIZE if settings.model == "tiny" else REAL_SIZE
-        results, saved = run_demo(stack=stack, run_worker=run_worker, out_dir=out, size=size)
+        loras = engines.klein.loras if engines.klein is not None else None
+        adapter = demo_adapter(loras.targets) if loras is not None and not loras.unsupported else None
+        results, saved = run_demo(stack=stack, run_worker=run_worker, out_dir=out, size=size, adapter=adapter)
     finally:
         stack.stop()
     _print_results(results, saved)

@@ -14,6 +14,7 @@ from worker.boot import build_engines, choose_variant, read_profile
 from worker.config import Settings
 from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
+from worker.hub_files import HubFiles
 from worker.priority import PriorityJobSource
 from worker.queue import JobSource
 from worker.results import ResultPublisher
@@ -56,7 +57,7 @@ def limits_for(settings: Settings) -> Limits:
     batch = settings.max_batch
     if "max_batch" not in settings.model_fields_set and measured is not None and measured.max_batch:
         batch = min(batch, measured.max_batch)
-    return Limits(max_batch=batch, max_references=refs)
+    return Limits(max_batch=batch, max_references=refs, max_loras=settings.max_loras)
 
 
 def build_runner(
@@ -68,6 +69,10 @@ def build_runner(
         allow_private_urls=settings.allow_private_urls,
         max_download_bytes=settings.max_download_bytes,
         max_pixels=settings.max_download_pixels,
+        hub=HubFiles(
+            token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+            offline=settings.hf_hub_offline,
+        ),
     )
     sink = (
         SqsResultSink(client=client, queue_url=settings.result_queue_url)

@@ -133,6 +133,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     from handlers.engines.klein import KleinEngine, create_klein_engine
     from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
     from handlers.engines.upscaler import create_upscaler
+    from handlers.lora_files import LoraFiles
 
     started = time.perf_counter()
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
@@ -149,6 +150,8 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
             compile=compile_,
             nunchaku_transformer=settings.nunchaku_transformer_path,
+            max_loras=settings.max_loras,
+            lora_max_rank=settings.lora_max_rank,
         )
         engine.warm_up()
         log.info("%s loaded in %.1f s", engine.name, time.perf_counter() - loading)
@@ -162,9 +165,18 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         cache_dir=hf_home / "klein-worker" / "upscalers",
         keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
     )
+    lora_files = None
+    if settings.max_loras:
+        lora_files = LoraFiles(
+            directory=hf_home / "klein-worker" / "loras",
+            budget_bytes=int(settings.lora_cache_gb * GIB),
+            max_file_bytes=settings.max_lora_bytes,
+        )
     try:
         if settings.preload_models:
-            engines = Engines(klein=load_klein(), upscaler=upscaler, label=variant.label)
+            engines = Engines(
+                klein=load_klein(), upscaler=upscaler, label=variant.label, lora_files=lora_files
+            )
         else:
             # Loading waits for the first generate job; a missing backend is still a boot error.
             check_quantization(
@@ -172,7 +184,13 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
                 capability=device_capability(variant.device),
                 nunchaku_transformer=settings.nunchaku_transformer_path,
             )
-            engines = Engines(klein=None, upscaler=upscaler, load_klein=load_klein, label=variant.label)
+            engines = Engines(
+                klein=None,
+                upscaler=upscaler,
+                load_klein=load_klein,
+                label=variant.label,
+                lora_files=lora_files,
+            )
     except UnsupportedQuantization as exc:
         raise BootError(f"{variant.label}: {exc}") from exc
     load_s = time.perf_counter() - started

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     max_download_pixels: int = Field(default=8192 * 8192, ge=1)
     webhook_secret: SecretStr | None = None
 
+    # Per-job LoRA adapters (handlers/engines/lora.py). 0 turns them off (and, when compiled, the
+    # hotswap slots with their per-image cost).
+    max_loras: int = Field(default=2, ge=0, le=8)
+    # A FLUX LoRA of rank 128 on all of klein-9B's layers is ~0.5 GB in bf16; more is not an adapter.
+    max_lora_bytes: int = Field(default=512 * MIB, ge=1)
+    lora_cache_gb: float = Field(default=10.0, ge=0)  # adapter files on disk, LRU by content hash
+    # Compiled transformer: adapters are hot-swapped into slots of this rank (no recompile); a
+    # higher-rank adapter is refused with invalid_input.
+    lora_max_rank: int = Field(default=64, ge=1, le=1024)
+    # huggingface_hub's own switch; with it set, {"repo": ...} adapters are refused (no hub access).
+    hf_hub_offline: bool = False
+
     upscaler_weights_x2: str | None = None
     upscaler_weights_x4: str | None = None
     # Keep the upscaler loaded between jobs only while this much VRAM stays free.

@@ -1,8 +1,8 @@
 """`python -m worker demo`: the whole loop on one machine, no GPU, no cloud.
 
 Starts moto's SQS + S3 on loopback, puts sample inputs in a bucket, enqueues sample jobs
-(a batch with references, a plain batch, an upscale, one invalid job, and last an urgent upscale
-on the high-priority queue, which the worker takes first), runs the real worker
+(a batch with references, a plain batch, an upscale, a LoRA job, one invalid job, and last an
+urgent upscale on the high-priority queue, which the worker takes first), runs the real worker
 on them in burst mode with a progress display, then saves every image under ./outputs/ and
 prints the results.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,36 @@ def put_png(stack: LocalStack, key: str, image: Image.Image) -> str:
     return stack.presign_get(key)
 
 
-def sample_jobs(stack: LocalStack, size: int = DEMO_SIZE) -> list[dict[str, Any]]:
+# Layers every klein transformer has (tiny and real, fused or not): what the demo adapter targets.
+_DEMO_LORA_LAYERS = ("attn.to_out.0", "attn.to_add_out", "ff.linear_in", "attn.to_qkv_mlp_proj")
+
+
+def demo_adapter(targets: Mapping[str, tuple[int, int]], *, rank: int = 4, seed: int = 0) -> bytes:
+    """A random-weight LoRA in diffusers' safetensors layout for the loaded transformer's layers
+    (``targets``: name -> (in, out)). Made here so the demo needs no download; it shows that an
+    adapter applies, not a style."""
+    import torch
+    from safetensors.torch import save
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (fan_in, fan_out) in sorted(targets.items()):
+        if name.endswith(_DEMO_LORA_LAYERS):
+            tensors[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+            )
+            tensors[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(fan_out, rank, generator=generator) * 0.3
+            )
+    return save(tensors)
+
+
+def sample_jobs(
+    stack: LocalStack, size: int = DEMO_SIZE, adapter: bytes | None = None
+) -> list[dict[str, Any]]:
     reference = put_png(stack, "inputs/reference.png", sample_image(size, size, 40))
     photo = put_png(stack, "inputs/photo.png", sample_image(128, 96, 160))
-    return [
+    jobs = [
         {
             "id": "demo-story-with-reference",
             "type": "generate",
@@ -112,6 +138,27 @@ def sample_jobs(stack: LocalStack, size: int = DEMO_SIZE) -> list[dict[str, Any]
             "input": {"prompts": ["too small"], "upload_urls": ["https://example.com/x.png"], "width": 100},
         },
     ]
+    if adapter is not None:
+        # The batch's lighthouse again (same size and seed), with an adapter served from the bucket.
+        stack.client("s3").put_object(Bucket=stack.bucket, Key="inputs/style.safetensors", Body=adapter)
+        jobs.insert(
+            3,
+            {
+                "id": "demo-lora",
+                "type": "generate",
+                "input": {
+                    "prompts": ["a lighthouse at dusk"],
+                    "upload_urls": [stack.presign_put("outputs/lighthouse-lora.webp", "image/webp")],
+                    "loras": [{"url": stack.presign_get("inputs/style.safetensors"), "scale": 0.8}],
+                    "width": size,
+                    "height": size + 64,
+                    "output_format": "webp",
+                    "quality": 85,
+                    "seed": 8,
+                },
+            },
+        )
+    return jobs
 
 
 def enqueue(stack: LocalStack, jobs: list[dict[str, Any]]) -> None:
@@ -150,10 +197,15 @@ def save_outputs(stack: LocalStack, out_dir: Path) -> list[Path]:
 
 
 def run_demo(
-    *, stack: LocalStack, run_worker: Callable[[int], int], out_dir: Path, size: int = DEMO_SIZE
+    *,
+    stack: LocalStack,
+    run_worker: Callable[[int], int],
+    out_dir: Path,
+    size: int = DEMO_SIZE,
+    adapter: bytes | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     """Enqueue the samples, let ``run_worker(n_jobs)`` drain the queue, gather results and images."""
-    jobs = sample_jobs(stack, size)
+    jobs = sample_jobs(stack, size, adapter)
     enqueue(stack, jobs)
     run_worker(len(jobs))
     results = collect_results(stack, len(jobs))

@@ -22,6 +22,7 @@ from PIL import Image
 
 from handlers.errors import DownloadFailed, InvalidInput, JobError, UploadFailed
 from handlers.imaging import decode_image
+from worker.hub_files import HubFiles
 from worker.urls import HostResolutionError, UrlGuard, redact_url
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class TransferClient:
         attempts: int = 3,
         backoff_seconds: float = 0.5,
         session: requests.Session | None = None,
+        hub: HubFiles | None = None,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
@@ -91,6 +93,7 @@ class TransferClient:
         self._backoff = backoff_seconds
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
+        self._hub = hub if hub is not None else HubFiles(offline=True)
 
     def close(self) -> None:
         if self._owns_session:
@@ -110,7 +113,7 @@ class TransferClient:
         Raises ``InvalidInput`` (refused URL, bad content) or ``DownloadFailed``.
         """
         data = self._with_retries(
-            lambda: self._download_once(url, field),
+            lambda: self._download_once(url, field, accept="image/*", limit=self.max_download_bytes),
             action="download",
             url=url,
             field=field,
@@ -118,6 +121,26 @@ class TransferClient:
         )
         logger.debug("downloaded %s (%d bytes)", redact_url(url), len(data))
         return decode_image(data, max_pixels=self.max_pixels, field=field)
+
+    def download_file(self, url: str, *, field: str, max_bytes: int, limit_name: str) -> bytes:
+        """Fetch a file that is not an image (a LoRA adapter) through the same guard, retries and
+        deadline, capped at ``max_bytes`` (``limit_name`` is the setting named in the error).
+
+        Raises ``InvalidInput`` (refused URL, too large) or ``DownloadFailed``.
+        """
+        data = self._with_retries(
+            lambda: self._download_once(url, field, accept="*/*", limit=max_bytes, limit_name=limit_name),
+            action="download",
+            url=url,
+            field=field,
+            error=DownloadFailed,
+        )
+        logger.debug("downloaded %s (%d bytes)", redact_url(url), len(data))
+        return data
+
+    def download_hub_file(self, repo: str, filename: str, *, field: str, max_bytes: int) -> bytes:
+        """A file from a Hugging Face repo (see ``worker.hub_files``)."""
+        return self._hub.download(repo, filename, field=field, max_bytes=max_bytes)
 
     def upload(self, url: str, data: bytes, content_type: str, *, field: str = "upload_url") -> str:
         """PUT ``data`` to a presigned URL; return it without its query string, or raise ``UploadFailed``."""
@@ -148,12 +171,14 @@ class TransferClient:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _download_once(self, url: str, field: str) -> bytes:
+    def _download_once(
+        self, url: str, field: str, *, accept: str, limit: int, limit_name: str = "MAX_DOWNLOAD_BYTES"
+    ) -> bytes:
         # Redirects are followed here, not by requests, so that every hop meets the guard.
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
             self._guard.check(current, field=field)
-            headers = self._headers({"Accept": "image/*", "Accept-Encoding": "identity"})
+            headers = self._headers({"Accept": accept, "Accept-Encoding": "identity"})
             with self._session.get(
                 current, headers=headers, stream=True, allow_redirects=False, timeout=self._timeout
             ) as response:
@@ -162,16 +187,20 @@ class TransferClient:
                     logger.debug("download of %s redirected to %s", redact_url(url), redact_url(current))
                     continue
                 _check_status(response, action="download", url=url, field=field, error=DownloadFailed)
-                _check_content_type(response, url=url, field=field)
-                return self._read_capped(response, url=url, field=field)
+                if accept.startswith("image/"):
+                    _check_content_type(response, url=url, field=field)
+                return self._read_capped(response, url=url, field=field, limit=limit, limit_name=limit_name)
         raise DownloadFailed(
             f"{field}: download of {redact_url(url)} redirected more than {MAX_REDIRECTS} times",
             retryable=False,
         )
 
-    def _read_capped(self, response: requests.Response, *, url: str, field: str) -> bytes:
-        limit = self.max_download_bytes
-        too_large = f"{field}: {redact_url(url)} is larger than the {limit} byte download limit"
+    def _read_capped(
+        self, response: requests.Response, *, url: str, field: str, limit: int, limit_name: str
+    ) -> bytes:
+        too_large = (
+            f"{field}: {redact_url(url)} is larger than the {limit} byte download limit ({limit_name})"
+        )
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise InvalidInput(too_large)

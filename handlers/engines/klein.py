@@ -19,6 +19,7 @@ import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image
 
+from handlers.engines.lora import LoraAdapters, create_lora_adapters
 from handlers.engines.quantize import (
     NUNCHAKU_QUANTIZATIONS,
     TORCHAO_QUANTIZATIONS,
@@ -76,9 +77,11 @@ class KleinEngine:
         text_encoder_out_layers: Sequence[int] = REAL_TEXT_ENCODER_OUT_LAYERS,
         max_sequence_length: int = REAL_MAX_SEQUENCE_LENGTH,
         compiled: bool = False,
+        loras: LoraAdapters | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.compiled = compiled
+        self.loras = loras  # None: this worker takes no LoRA adapters (MAX_LORAS=0)
         self.name = name
         self.device = device
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
@@ -235,6 +238,8 @@ def create_klein_engine(
     dtype: torch.dtype | None = None,
     compile: bool = False,
     nunchaku_transformer: str | None = None,
+    max_loras: int = 0,
+    lora_max_rank: int = 64,
 ) -> KleinEngine:
     """Build the engine for ``model`` ("tiny", "klein-4b", "klein-9b") on ``device``.
 
@@ -273,7 +278,14 @@ def create_klein_engine(
         )
         name = f"flux2-klein-{model.removeprefix('klein-')}-{_precision_label(quantization, torch_dtype)}"
     return build_engine(
-        pipeline, name=name, device=target, quantization=quantization, compile=compile, capability=capability
+        pipeline,
+        name=name,
+        device=target,
+        quantization=quantization,
+        compile=compile,
+        capability=capability,
+        max_loras=max_loras,
+        lora_max_rank=lora_max_rank,
     )
 
 
@@ -285,6 +297,8 @@ def build_engine(
     quantization: str = "none",
     compile: bool = False,
     capability: Capability | None = None,
+    max_loras: int = 0,
+    lora_max_rank: int = 64,
 ) -> KleinEngine:
     """Make a loaded pipeline (on the CPU, or already on ``device``) the engine, in this order:
 
@@ -292,7 +306,9 @@ def build_engine(
     2. fuse the transformer's QKV projections (always),
     3. quantize (fp8/int8), one Linear at a time onto ``device``, before the rest moves there,
     4. move to ``device``,
-    5. compile the transformer blocks and the VAE decoder (CUDA and ``compile`` only).
+    5. LoRA adapter handling for ``max_loras`` per job (compiled: hotswap slots, which must exist
+       before compiling; see ``handlers.engines.lora``),
+    6. compile the transformer blocks and the VAE decoder (CUDA and ``compile`` only).
     """
     layers, max_length = prompt_settings(pipeline)
     pipeline.text_encoder = truncate_text_encoder(pipeline.text_encoder, max(layers))
@@ -305,6 +321,9 @@ def build_engine(
     compiled = compile and device.type == "cuda" and not nunchaku
     if device.type == "cuda":
         enable_fast_math()
+    loras = create_lora_adapters(
+        pipeline, quantization=quantization, max_loras=max_loras, max_rank=lora_max_rank, hotswap=compiled
+    )
     if compiled:
         compile_pipeline(pipeline)
     elif compile:
@@ -324,6 +343,7 @@ def build_engine(
         text_encoder_out_layers=layers,
         max_sequence_length=max_length,
         compiled=compiled,
+        loras=loras,
     )
 
 
