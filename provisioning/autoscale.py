@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -12,13 +13,13 @@ import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
 from provisioning.backlog import SqsBacklog
-from provisioning.models import same_image
+from provisioning.models import Instance, same_image
 from provisioning.offers import OfferRequirements
 from provisioning.policy import Decision, Observation, PolicyConfig, decide
 from provisioning.reconcile import Action, ApplyReport, Reconciler
 from provisioning.state import FleetMemory, StateFile
 from provisioning.throughput import ThroughputModel
-from provisioning.vast import VastClient, VastError
+from provisioning.vast import VastAuthError, VastClient, VastError
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ class Autoscaler:
 
     def observe(self) -> Observation:
         now = self._clock()
+        # Vast first: a refused key ends the run before anything else is asked.
+        instances = self._date_undated(self._vast.list_instances(label=self._label), now)
         if self._backlog is not None:
             self.memory.remember(self._backlog.sample(now=now), keep_s=self._policy.scale_in_after_s)
-        instances = self._vast.list_instances(label=self._label)
         offers = self._vast.search_offers(self._requirements.to_query())
         return Observation(
             now=now,
@@ -73,6 +75,18 @@ class Autoscaler:
             avoid=dict(self.memory.avoid),
             pending=list(self.memory.pending),
         )
+
+    def _date_undated(self, instances: list[Instance], now: float) -> list[Instance]:
+        """Give rows without a start_date the time they were first listed, so the boot deadline counts
+        from then: neither "stuck" at once (age since 1970) nor booting forever."""
+        undated = {i.id for i in instances if i.started_at is None}
+        self.memory.first_seen = {k: v for k, v in self.memory.first_seen.items() if k in undated}
+        return [
+            dataclasses.replace(i, started_at=self.memory.first_seen.setdefault(i.id, now))
+            if i.started_at is None
+            else i
+            for i in instances
+        ]
 
     def plan(self) -> tuple[Observation, Decision]:
         obs = self.observe()
@@ -109,6 +123,8 @@ class Autoscaler:
         while not stop.is_set():
             try:
                 on_tick(self.tick(dry_run=dry_run))
+            except VastAuthError:
+                raise  # a wrong key stays wrong: end the run instead of failing every tick
             except TICK_ERRORS:
                 log.exception("autoscale tick failed; next try in %.0fs", interval_s)
             stop.wait(interval_s)
@@ -132,6 +148,8 @@ def destroy_fleet(
         else:
             try:
                 outcome = "destroyed" if vast.destroy_instance(inst.id) else "already gone"
+            except VastAuthError:
+                raise
             except VastError as exc:
                 outcome = f"failed: {exc}"
         actions.append(Action(kind="destroy", target=target, reason="destroy --all", outcome=outcome))

@@ -28,6 +28,7 @@ from provisioning.config import FleetSettings, load_settings, masked_env
 from provisioning.offers import rank_offers
 from provisioning.simulate import SimConfig, compare
 from provisioning.traces import PATTERNS, load_trace
+from provisioning.vast import VastAuthError
 
 app = typer.Typer(
     help="Rent and destroy Vast.ai instances running the klein-worker image so the fleet follows the queue.",
@@ -232,6 +233,8 @@ def autoscale(
         )
     except KeyboardInterrupt:
         opts.console.print("stopped; instances keep running (use `destroy --all` to end the fleet)")
+    except VastAuthError as exc:
+        _fail(opts.console, f"Vast refused the API key: {exc}")
 
 
 @app.command()

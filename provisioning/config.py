@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -90,6 +90,18 @@ class WorkerSettings(BaseModel):
     )
     registry_user: str | None = None  # for a private image (GHCR: a user and a read:packages token)
     registry_token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _onstart_needs_a_shell_mode(self) -> WorkerSettings:
+        # In the "args" (entrypoint) mode Vast runs an on-start command in place of the image's
+        # ENTRYPOINT: the worker would never start. docker/vast-onstart.sh is for the ssh/jupyter modes.
+        if self.onstart and self.runtype == "args":
+            raise ValueError(
+                "worker.onstart: with worker.runtype = 'args' Vast runs it instead of the image's "
+                "entrypoint, so no worker would start; drop onstart, or use runtype 'ssh' with "
+                "onstart = 'klein-vast-onstart'"
+            )
+        return self
 
 
 class FleetSettings(BaseSettings):
@@ -207,6 +219,22 @@ class FleetSettings(BaseSettings):
             onstart=self.worker.onstart,
             image_login=login,
         )
+
+    def api_key(self, home: Path | None = None) -> tuple[str, str]:
+        """(key, where it came from): VAST_API_KEY / the config file, else the file `vastai set api-key`
+        writes (``~/.config/vastai/vast_api_key``, older clients ``~/.vast_api_key``); ("", "no key")."""
+        if self.vast_api_key is not None and self.vast_api_key.get_secret_value().strip():
+            source = "VAST_API_KEY" if os.environ.get("VAST_API_KEY") else "vast_api_key in the settings"
+            return self.vast_api_key.get_secret_value().strip(), source
+        home = Path.home() if home is None else home
+        for path in (home / ".config" / "vastai" / "vast_api_key", home / ".vast_api_key"):
+            try:
+                key = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if key:
+                return key, str(path)
+        return "", "no key"
 
     def state_path(self, environ: Mapping[str, str] | None = None) -> Path:
         if self.state_file is not None:

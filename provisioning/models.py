@@ -68,7 +68,7 @@ class Instance:
     actual_status: str | None  # None while provisioning
     intended_status: str | None
     status_msg: str
-    started_at: float  # epoch seconds (Vast's start_date)
+    started_at: float | None  # epoch seconds (Vast's start_date); None until Vast has scheduled it
     is_bid: bool = False
     dlperf: float | None = None
 
@@ -123,4 +123,13 @@ def classify(instance: Instance, *, now: float, boot_deadline_s: float) -> Phase
         outbid = instance.is_bid or "outbid" in instance.status_msg.lower()
         return Phase.OUTBID if outbid else Phase.STOPPED
     # Provisioning, loading, rebooting, and any status Vast may add later: booting until the deadline.
-    return Phase.BOOTING if now - instance.started_at <= boot_deadline_s else Phase.STUCK
+    return Phase.BOOTING if now - started(instance, now) <= boot_deadline_s else Phase.STUCK
+
+
+def started(instance: Instance, now: float) -> float:
+    """When the instance started; one Vast has not dated yet (no start_date) counts as starting now.
+
+    The autoscaler fills in the time it first saw such a row (``FleetMemory.first_seen``), so a row that
+    stays undated still reaches the boot deadline, counted from when it appeared.
+    """
+    return now if instance.started_at is None else instance.started_at

@@ -18,6 +18,8 @@ VARIANT_MIN_VRAM_GB = {
     "klein-9b": 32.0,
     "klein-9b-fp8": 32.0,
 }
+# Offers per search: wide enough that the price-per-hour order of the market cannot hide a fast card.
+OFFER_QUERY_LIMIT = 1000
 # Vast's gpu_ram is in MB and a "24 GB" card reports ~24564: count a GB as 1000 MB so such cards pass.
 MB_PER_GB = 1000
 
@@ -41,11 +43,17 @@ class OfferRequirements:
         0.10  # bid this much above the offer's min_bid, so the next small bid does not evict us
     )
 
-    def to_query(self, *, limit: int = 100) -> dict[str, Any]:
-        """The ``POST /api/v0/bundles/`` body: ``{"field": {"op": value}}`` filters plus order/type/limit."""
+    def to_query(self, *, limit: int = OFFER_QUERY_LIMIT) -> dict[str, Any]:
+        """The ``POST /api/v0/bundles/`` body: ``{"field": {"op": value}}`` filters plus order/type/limit.
+
+        Ordered by DLPerf per dollar, not by $/h: the fleet ranks by cost per image, and the 100 cheapest
+        per hour are mostly slow cards, which would cut the best cost-per-image offers from the reply.
+        """
         query: dict[str, Any] = {
             "gpu_ram": {"gte": int(self.min_vram_gb * MB_PER_GB)},
-            "reliability": {"gte": self.min_reliability},
+            # The server's field name: `vastai search offers` maps "reliability" to "reliability2" before
+            # sending, and vast.parse_offer reads the same field.
+            "reliability2": {"gte": self.min_reliability},
             "cuda_max_good": {"gte": self.min_cuda},
             "disk_space": {"gte": self.min_disk_gb},
             "inet_down": {"gte": self.min_inet_down_mbps},
@@ -53,7 +61,7 @@ class OfferRequirements:
             "rentable": {"eq": True},
             "rented": {"eq": False},
             "external": {"eq": False},
-            "order": [["dph_total", "asc"]],
+            "order": [["dlperf_per_dphtotal", "desc"]],
             "type": "bid" if self.interruptible else "on-demand",
             "allocated_storage": self.min_disk_gb,
             "limit": limit,

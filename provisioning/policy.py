@@ -11,7 +11,16 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from provisioning.models import Instance, Offer, PendingRent, Phase, QueueSample, classify, same_image
+from provisioning.models import (
+    Instance,
+    Offer,
+    PendingRent,
+    Phase,
+    QueueSample,
+    classify,
+    same_image,
+    started,
+)
 from provisioning.offers import OfferRequirements, RankedOffer, pick_offers, rank_offers
 from provisioning.throughput import ThroughputModel
 
@@ -250,7 +259,7 @@ def _live_pending(
 
     def arrived(p: PendingRent) -> bool:
         return any(
-            i.machine_id == p.machine_id and i.started_at >= p.requested_at - _PENDING_MATCH_SLACK_S
+            i.machine_id == p.machine_id and started(i, now) >= p.requested_at - _PENDING_MATCH_SLACK_S
             for i in managed
         )
 
@@ -289,15 +298,15 @@ def _scale_in_order(
     """Booting instances first (they hold no work; youngest first), then running ones old enough, worst
     cost per image first."""
     booting = sorted(
-        (i for i in fleet.live if fleet.phases[i.id] is Phase.BOOTING), key=lambda i: -i.started_at
+        (i for i in fleet.live if fleet.phases[i.id] is Phase.BOOTING), key=lambda i: -started(i, now)
     )
     min_age = 0.0 if (any_age or config.manual) else config.min_instance_age_s
-    running = [i for i in fleet.running if now - i.started_at >= min_age]
+    running = [i for i in fleet.running if now - started(i, now) >= min_age]
 
     def cost(i: Instance) -> float:
         return i.dph_total / max(throughput.for_instance(i).images_per_second, 1e-9)
 
-    return booting + sorted(running, key=lambda i: (-cost(i), -i.started_at))
+    return booting + sorted(running, key=lambda i: (-cost(i), -started(i, now)))
 
 
 def _explain(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from provisioning.models import PendingRent
 from provisioning.offers import RankedOffer
 from provisioning.policy import Decision
-from provisioning.vast import CreateOutcome, LaunchSpec, VastClient, VastError
+from provisioning.vast import CreateOutcome, LaunchSpec, VastAuthError, VastClient, VastError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class Reconciler:
     def _destroy(self, instance_id: int) -> str:
         try:
             return "destroyed" if self._client.destroy_instance(instance_id) else "already gone"
+        except VastAuthError:
+            raise
         except VastError as exc:
             log.error("destroy of instance %s failed: %s", instance_id, exc)
             return f"failed: {exc}"

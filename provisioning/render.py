@@ -76,7 +76,7 @@ def fleet_table(instances: Sequence[Instance], decision: Decision, *, now: float
             f"{inst.num_gpus}x {inst.gpu_name}",
             str(phase) if phase else "UNKNOWN (not ours)",
             inst.actual_status or "provisioning",
-            _age(now - inst.started_at),
+            _age(now - inst.started_at) if inst.started_at is not None else "not started",
             f"{inst.dph_total:.3f}",
             str(inst.machine_id),
             str(inst.host_id),

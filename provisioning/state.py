@@ -22,6 +22,8 @@ class FleetMemory:
     samples: list[QueueSample] = field(default_factory=list)
     avoid: dict[int, float] = field(default_factory=dict)  # machine id -> avoid until (epoch s)
     pending: list[PendingRent] = field(default_factory=list)
+    # instance id -> when it was first listed without a start_date (its boot deadline counts from then)
+    first_seen: dict[int, float] = field(default_factory=dict)
 
     def remember(self, sample: QueueSample, *, keep_s: float) -> None:
         """Add a sample and forget those older than ``keep_s`` (keeping one just before, for the window)."""
@@ -43,6 +45,7 @@ class StateFile:
                 samples=[QueueSample(**s) for s in data.get("samples", [])],
                 avoid={int(k): float(v) for k, v in data.get("avoid", {}).items()},
                 pending=[PendingRent(**p) for p in data.get("pending", [])],
+                first_seen={int(k): float(v) for k, v in data.get("first_seen", {}).items()},
             )
         except FileNotFoundError:
             return FleetMemory()
@@ -57,6 +60,7 @@ class StateFile:
             "samples": [asdict(s) for s in memory.samples],
             "avoid": {str(k): v for k, v in memory.avoid.items()},
             "pending": [asdict(p) for p in memory.pending],
+            "first_seen": {str(k): v for k, v in memory.first_seen.items()},
         }
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload), encoding="utf-8")
