@@ -74,6 +74,8 @@ class Autoscaler:
             offers=offers,
             avoid=dict(self.memory.avoid),
             pending=list(self.memory.pending),
+            resumed=dict(self.memory.resumed),
+            cold_since=self._cold_since(instances, now),
         )
 
     def _date_undated(self, instances: list[Instance], now: float) -> list[Instance]:
@@ -87,6 +89,14 @@ class Autoscaler:
             else i
             for i in instances
         ]
+
+    def _cold_since(self, instances: list[Instance], now: float) -> dict[int, float]:
+        """When each stopped instance went cold; one stopped before we knew (a lost state file) from now."""
+        stopped = {i.id for i in instances if (i.intended_status or "") == "stopped"}
+        self.memory.cold_since = {k: v for k, v in self.memory.cold_since.items() if k in stopped}
+        for iid in stopped:
+            self.memory.cold_since.setdefault(iid, now)
+        return dict(self.memory.cold_since)
 
     def plan(self) -> tuple[Observation, Decision]:
         obs = self.observe()
@@ -104,11 +114,25 @@ class Autoscaler:
             # Only what really happened is remembered: a dry run leaves the state file untouched.
             self.memory.avoid = dict(decision.avoid)
             self.memory.pending = list(report.pending)
+            self._remember_moves(obs, report)
             if self._state is not None:
                 self._state.save(self.memory)
         for action in report.actions:
             log.info("%s %s (%s): %s", action.kind, action.target, action.reason, action.outcome)
         return Tick(observation=obs, decision=decision, report=report)
+
+    def _remember_moves(self, obs: Observation, report: ApplyReport) -> None:
+        """Resumes are followed until the instance runs or goes; stops start the cold-age clock."""
+        running = {i.id for i in obs.instances if (i.actual_status or "") == "running"}
+        listed = {i.id for i in obs.instances}
+        self.memory.resumed = {
+            k: v for k, v in self.memory.resumed.items() if k in listed and k not in running
+        }
+        for iid in report.resumed:
+            self.memory.resumed[iid] = obs.now
+            self.memory.cold_since.pop(iid, None)
+        for iid in report.stopped:
+            self.memory.cold_since[iid] = obs.now
 
     def run(
         self,

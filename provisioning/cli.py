@@ -50,6 +50,9 @@ _FLEET_OPTIONS: dict[str, Any] = {
         float | None, typer.Option("--target-wait", help="Target queue wait, seconds.")
     ],
     "max_hourly_usd": Annotated[float | None, typer.Option(help="Cap on the fleet's $/h.")],
+    "cold_pool": Annotated[
+        int | None, typer.Option(help="Stopped instances kept to resume instead of renting (0: none).")
+    ],
     "max_price_per_gpu_hour": Annotated[
         float | None, typer.Option(help="Skip offers above this $/GPU-hour.")
     ],

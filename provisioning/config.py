@@ -65,6 +65,8 @@ class PolicySettings(BaseModel):
     max_per_host: int = Field(default=2, ge=1)
     images_per_job: float = Field(default=1.0, gt=0)
     pending_rent_s: float = Field(default=900.0, ge=0)  # a rent of unknown outcome counts this long
+    cold_max_age_s: float = Field(default=6 * 3600.0, ge=0)  # a cold instance older than this is destroyed
+    resume_deadline_s: float = Field(default=300.0, gt=0)  # a resume not running by then: destroy, rent
     profiles_dir: Path | None = None  # benchmark profile JSON files (scripts/benchmark_vram.py)
     dlperf_images_per_second: float = Field(default=DLPERF_IMAGES_PER_SECOND, gt=0)
     default_images_per_second: float = Field(default=DEFAULT_IMAGES_PER_SECOND, gt=0)
@@ -120,6 +122,8 @@ class FleetSettings(BaseSettings):
     aws_region: str | None = Field(None, validation_alias=AliasChoices("aws_region", "AWS_REGION"))
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(4, ge=0)
+    # Stopped instances kept (disk billed) to resume on scale-out instead of renting; 0: destroy on scale-in.
+    cold_pool: int = Field(2, ge=0)
     target_wait_s: float = Field(120.0, gt=0)
     max_hourly_usd: float = Field(5.0, ge=0)
     max_price_per_gpu_hour: float | None = Field(1.0, gt=0)
@@ -175,6 +179,9 @@ class FleetSettings(BaseSettings):
             max_rents_per_tick=p.max_rents_per_tick,
             max_per_host=p.max_per_host,
             images_per_job=p.images_per_job,
+            cold_pool=self.cold_pool,
+            cold_max_age_s=p.cold_max_age_s,
+            resume_deadline_s=p.resume_deadline_s,
         )
 
     def throughput(self) -> ThroughputModel:

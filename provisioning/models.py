@@ -21,11 +21,16 @@ class Phase(StrEnum):
     EXITED = "exited"  # container exited: it will not come back by itself
     OFFLINE = "offline"  # host lost (offline, or no heartbeat: "unknown")
     OUTBID = "outbid"  # interruptible instance stopped by a higher bid
-    STOPPED = "stopped"  # stopped or frozen by someone else: the fleet never stops its own
+    STOPPED = "stopped"  # stopped or frozen by someone else (ours are COLD)
+    COLD = "cold"  # stopped by the fleet into the cold pool: disk kept, storage billed, not capacity
+    RESUMING = "resuming"  # asked to resume: capacity soon, unless the GPU was taken meanwhile
+    RESUME_HUNG = "resume_hung"  # still not running past the resume deadline: destroy, rent instead
+    UNREADY = "unready"  # running, but its worker never became ready (or stopped being ready)
+    UNPULLABLE = "unpullable"  # Vast says the image cannot be pulled: it never will
 
     @property
     def is_capacity(self) -> bool:
-        return self in (Phase.BOOTING, Phase.RUNNING)
+        return self in (Phase.BOOTING, Phase.RUNNING, Phase.RESUMING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +76,13 @@ class Instance:
     started_at: float | None  # epoch seconds (Vast's start_date); None until Vast has scheduled it
     is_bid: bool = False
     dlperf: float | None = None
+    storage_dph: float = 0.0  # $/h of its disk alone: all a stopped instance bills
+
+    @property
+    def hourly_cost(self) -> float:
+        """What it bills now: the disk alone once stopped, else the full price."""
+        stopped = (self.actual_status or "").lower() == "stopped"
+        return self.storage_dph if stopped and (self.intended_status or "") == "stopped" else self.dph_total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -77,7 +77,7 @@ def fleet_table(instances: Sequence[Instance], decision: Decision, *, now: float
             str(phase) if phase else "UNKNOWN (not ours)",
             inst.actual_status or "provisioning",
             _age(now - inst.started_at) if inst.started_at is not None else "not started",
-            f"{inst.dph_total:.3f}",
+            f"{inst.hourly_cost:.3f}",
             str(inst.machine_id),
             str(inst.host_id),
         )
@@ -90,7 +90,7 @@ def phase_totals(instances: Sequence[Instance], phases: Mapping[int, object]) ->
     for inst in instances:
         key = str(phases.get(inst.id, "unknown (not ours)"))
         counts[key] += 1
-        dollars[key] += inst.dph_total
+        dollars[key] += inst.hourly_cost  # a cold instance bills its disk alone
     table = Table(title="Fleet by state")
     table.add_column("state")
     table.add_column("instances", justify="right")
@@ -157,6 +157,8 @@ def decision_lines(decision: Decision, *, for_status: bool = True) -> list[str]:
         head += decision.reason
         steps = [f"rent {r.offer.id} ({r.offer.gpu_name}, ${r.price:.3f}/h)" for r in decision.rents]
         steps += [f"destroy {d.instance.id} ({d.reason})" for d in decision.destroys]
+        steps += [f"stop {i.id} into the cold pool" for i in decision.stops]
+        steps += [f"resume {i.id}" for i in decision.resumes]
         lines = [head, *lines, f"autoscale would now: {'; '.join(steps) or 'nothing'}"]
     return lines
 

@@ -24,6 +24,8 @@ class FleetMemory:
     pending: list[PendingRent] = field(default_factory=list)
     # instance id -> when it was first listed without a start_date (its boot deadline counts from then)
     first_seen: dict[int, float] = field(default_factory=dict)
+    resumed: dict[int, float] = field(default_factory=dict)  # instance id -> resume asked at
+    cold_since: dict[int, float] = field(default_factory=dict)  # instance id -> stopped into the pool at
 
     def remember(self, sample: QueueSample, *, keep_s: float) -> None:
         """Add a sample and forget those older than ``keep_s`` (keeping one just before, for the window)."""
@@ -45,7 +47,9 @@ class StateFile:
                 samples=[QueueSample(**s) for s in data.get("samples", [])],
                 avoid={int(k): float(v) for k, v in data.get("avoid", {}).items()},
                 pending=[PendingRent(**p) for p in data.get("pending", [])],
-                first_seen={int(k): float(v) for k, v in data.get("first_seen", {}).items()},
+                first_seen=_times(data.get("first_seen")),
+                resumed=_times(data.get("resumed")),
+                cold_since=_times(data.get("cold_since")),
             )
         except FileNotFoundError:
             return FleetMemory()
@@ -61,7 +65,13 @@ class StateFile:
             "avoid": {str(k): v for k, v in memory.avoid.items()},
             "pending": [asdict(p) for p in memory.pending],
             "first_seen": {str(k): v for k, v in memory.first_seen.items()},
+            "resumed": {str(k): v for k, v in memory.resumed.items()},
+            "cold_since": {str(k): v for k, v in memory.cold_since.items()},
         }
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload), encoding="utf-8")
         os.replace(tmp, self.path)  # atomic: a crash mid-write leaves the old file
+
+
+def _times(data: object) -> dict[int, float]:
+    return {int(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}

@@ -296,6 +296,7 @@ def parse_instance(row: Mapping[str, Any]) -> Instance | None:
         started_at=_as_float(row.get("start_date")),  # None: not scheduled yet (the caller dates it)
         is_bid=bool(row.get("is_bid")),
         dlperf=_as_float(row.get("dlperf")),
+        storage_dph=_as_float(row.get("storage_total_cost")) or 0.0,
     )
 
 

@@ -189,3 +189,28 @@ def test_cli_import_pulls_in_no_torch_and_no_worker():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_autoscale_stops_into_the_cold_pool_resumes_it_and_status_shows_it(cli, fake, queue, tmp_path):
+    fast = {"KLEIN_FLEET_POLICY__SCALE_IN_AFTER_S": "0", "KLEIN_FLEET_POLICY__MIN_INSTANCE_AGE_S": "0"}
+    ids = [
+        fake.add_instance(
+            label="klein", image_uuid=IMAGE, actual_status="running", start_date=fake.clock() - 900
+        )
+        for _ in range(3)
+    ]
+    empty = queue(0)
+    out = cli("--cold-pool", "1", "autoscale", "--once", "--queue-url", empty, **fast)
+    assert out.count("stopped") >= 1 and out.count("destroyed") == 2
+    (cold,) = fake.instances
+    assert cold in ids and fake.instances[cold]["actual_status"] == "stopped"
+    out = cli("status", "--queue-url", empty, **fast)
+    assert "cold" in out and "0.010" in out  # the pool shows, billed for its disk alone
+    state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
+    assert str(cold) in state["cold_since"]
+    fake.add_offer()
+    out = cli("autoscale", "--once", "--queue-url", queue(40), **fast)
+    assert "resume" in out and fake.instances[cold]["intended_status"] == "running"
+    assert fake.rent_bodies == []  # resumed, not rented
+    state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
+    assert str(cold) in state["resumed"] and state["cold_since"] == {}
