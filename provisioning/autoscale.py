@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
+from provisioning import readiness
 from provisioning.backlog import SqsBacklog
 from provisioning.models import Instance, same_image
 from provisioning.offers import OfferRequirements
@@ -48,7 +49,9 @@ class Autoscaler:
         memory: FleetMemory | None = None,
         state: StateFile | None = None,
         clock: Callable[[], float] = time.time,
+        health_port: int = 0,
     ) -> None:
+        self._health_port = health_port  # the workers' /healthz port; 0: readiness not probed
         self._vast = vast
         self._backlog = backlog
         self._label = label
@@ -76,6 +79,7 @@ class Autoscaler:
             pending=list(self.memory.pending),
             resumed=dict(self.memory.resumed),
             cold_since=self._cold_since(instances, now),
+            last_ready=self._probe(instances, now),
         )
 
     def _date_undated(self, instances: list[Instance], now: float) -> list[Instance]:
@@ -89,6 +93,17 @@ class Autoscaler:
             else i
             for i in instances
         ]
+
+    def _probe(self, instances: list[Instance], now: float) -> dict[int, float] | None:
+        """Ask each running worker's /healthz; remember when each last answered 200."""
+        if not self._health_port:
+            return None
+        listed = {i.id for i in instances}
+        self.memory.last_ready = {k: v for k, v in self.memory.last_ready.items() if k in listed}
+        for iid, ok in readiness.probe(instances, port=self._health_port).items():
+            if ok:
+                self.memory.last_ready[iid] = now
+        return dict(self.memory.last_ready)
 
     def _cold_since(self, instances: list[Instance], now: float) -> dict[int, float]:
         """When each stopped instance went cold; one stopped before we knew (a lost state file) from now."""
@@ -123,16 +138,18 @@ class Autoscaler:
 
     def _remember_moves(self, obs: Observation, report: ApplyReport) -> None:
         """Resumes are followed until the instance runs or goes; stops start the cold-age clock."""
-        running = {i.id for i in obs.instances if (i.actual_status or "") == "running"}
         listed = {i.id for i in obs.instances}
-        self.memory.resumed = {
-            k: v for k, v in self.memory.resumed.items() if k in listed and k not in running
-        }
+        if obs.last_ready is None:
+            done = {i.id for i in obs.instances if (i.actual_status or "") == "running"}
+        else:  # followed until its worker answers, so the boot deadline counts from the resume
+            done = {k for k, t in obs.last_ready.items() if t >= self.memory.resumed.get(k, t)}
+        self.memory.resumed = {k: v for k, v in self.memory.resumed.items() if k in listed and k not in done}
         for iid in report.resumed:
             self.memory.resumed[iid] = obs.now
             self.memory.cold_since.pop(iid, None)
         for iid in report.stopped:
             self.memory.cold_since[iid] = obs.now
+            self.memory.last_ready.pop(iid, None)
 
     def run(
         self,

@@ -67,4 +67,5 @@ def autoscaler(
         reconciler=reconciler,
         state=StateFile(path=settings.state_path()) if persist else None,
         memory=None if persist else FleetMemory(),
+        health_port=settings.worker.health_port,
     )

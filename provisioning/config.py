@@ -33,6 +33,7 @@ from provisioning.throughput import (
 from provisioning.vast import DEFAULT_API_URL, LaunchSpec
 
 _REQUIREMENTS = OfferRequirements()
+PLACEHOLDER_OWNER = "OWNER"  # in the default image name: renting it would pull nothing
 
 # Names of environment variables whose values are credentials: shown as *** anywhere they are printed.
 _SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
@@ -67,6 +68,7 @@ class PolicySettings(BaseModel):
     pending_rent_s: float = Field(default=900.0, ge=0)  # a rent of unknown outcome counts this long
     cold_max_age_s: float = Field(default=6 * 3600.0, ge=0)  # a cold instance older than this is destroyed
     resume_deadline_s: float = Field(default=300.0, gt=0)  # a resume not running by then: destroy, rent
+    unready_after_s: float = Field(default=180.0, gt=0)  # a worker not answering /healthz this long: replace
     profiles_dir: Path | None = None  # benchmark profile JSON files (scripts/benchmark_vram.py)
     dlperf_images_per_second: float = Field(default=DLPERF_IMAGES_PER_SECOND, gt=0)
     default_images_per_second: float = Field(default=DEFAULT_IMAGES_PER_SECOND, gt=0)
@@ -77,6 +79,8 @@ class WorkerSettings(BaseModel):
     disk_gb: float = 40.0
     runtype: str = "args"
     onstart: str | None = None
+    # The workers' /healthz port, exposed at rent and probed each tick (readiness.py); 0: not probed.
+    health_port: int = Field(default=9090, ge=0, le=65535)
     env: dict[str, str] = Field(default_factory=dict)  # literal values for the worker (MODEL, MAX_BATCH...)
     pass_env: list[str] = Field(
         default_factory=lambda: [
@@ -114,7 +118,7 @@ class FleetSettings(BaseSettings):
         None, validation_alias=AliasChoices("vast_api_key", "VAST_API_KEY")
     )
     fleet: str = "klein"
-    image: str = "ghcr.io/OWNER/klein-worker:latest"
+    image: str = f"ghcr.io/{PLACEHOLDER_OWNER}/klein-worker:latest"
     queue_url: str | None = Field(None, validation_alias=AliasChoices("queue_url", "QUEUE_URL"))
     aws_endpoint_url: str | None = Field(
         None, validation_alias=AliasChoices("aws_endpoint_url", "AWS_ENDPOINT_URL")
@@ -182,6 +186,7 @@ class FleetSettings(BaseSettings):
             cold_pool=self.cold_pool,
             cold_max_age_s=p.cold_max_age_s,
             resume_deadline_s=p.resume_deadline_s,
+            unready_after_s=p.unready_after_s,
         )
 
     def throughput(self) -> ThroughputModel:
@@ -208,10 +213,16 @@ class FleetSettings(BaseSettings):
         """What rented containers run; secrets named in ``worker.pass_env`` come from the environment."""
         if not self.queue_url:
             raise ValueError("a queue URL is needed to rent workers: --queue-url, QUEUE_URL or queue_url")
+        if PLACEHOLDER_OWNER in self.image:
+            raise ValueError(f"image: {self.image!r} is the placeholder; set the worker image you pushed")
         environ = os.environ if environ is None else environ
         env = {name: environ[name] for name in self.worker.pass_env if environ.get(name)}
         env.update(self.worker.env)
         env["QUEUE_URL"] = self.queue_url
+        if self.worker.health_port:
+            port = self.worker.health_port
+            env["METRICS_PORT"] = str(port)
+            env[f"-p {port}:{port}"] = "1"  # how Vast's env carries a port mapping (as `vastai --env`)
         login = None
         if self.worker.registry_token is not None:
             registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"

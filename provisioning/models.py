@@ -6,10 +6,18 @@ No I/O here: ``vast.py`` parses API replies into these, ``policy.py`` reads them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 _OFFLINE_STATUSES = {"offline", "unknown"}  # "unknown": no heartbeat from the host; it never comes back
+# What Docker says in Vast's status_msg when an image cannot be pulled: no retry will make it pullable.
+_UNPULLABLE = re.compile(
+    r"pull access denied|manifest unknown|manifest for \S+ not found|repository does not exist"
+    r"|invalid reference format|unauthorized: authentication required|denied: requested access",
+    re.IGNORECASE,
+)
 
 
 class Phase(StrEnum):
@@ -77,6 +85,8 @@ class Instance:
     is_bid: bool = False
     dlperf: float | None = None
     storage_dph: float = 0.0  # $/h of its disk alone: all a stopped instance bills
+    public_ip: str | None = None
+    ports: Mapping[str, int] = field(default_factory=dict)  # container "9090/tcp" -> host port
 
     @property
     def hourly_cost(self) -> float:
@@ -131,6 +141,8 @@ def classify(instance: Instance, *, now: float, boot_deadline_s: float) -> Phase
         return Phase.EXITED
     if status in _OFFLINE_STATUSES:
         return Phase.OFFLINE
+    if status != "running" and _UNPULLABLE.search(instance.status_msg):
+        return Phase.UNPULLABLE
     if status in ("stopped", "frozen"):
         outbid = instance.is_bid or "outbid" in instance.status_msg.lower()
         return Phase.OUTBID if outbid else Phase.STOPPED

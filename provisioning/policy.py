@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from provisioning import coldpool
+from provisioning import coldpool, readiness
 from provisioning.models import (
     Instance,
     Offer,
@@ -46,6 +46,7 @@ class PolicyConfig:
     cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py)
     cold_max_age_s: float = 6 * 3600.0  # a cold instance stopped longer than this is destroyed
     resume_deadline_s: float = 300.0  # a resume not running by then is destroyed and a rent made
+    unready_after_s: float = 180.0  # a worker that stopped answering /healthz this long is replaced
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +59,7 @@ class Observation:
     pending: Sequence[PendingRent] = ()
     resumed: Mapping[int, float] = field(default_factory=dict)  # instance id -> resume asked at
     cold_since: Mapping[int, float] = field(default_factory=dict)  # instance id -> stopped at
+    last_ready: Mapping[int, float] | None = None  # id -> last /healthz 200; None: readiness not probed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +158,9 @@ def decide(
     )
     hourly_after += sum(coldpool.resume_cost(i) for i in resumes)
     budget = config.max_hourly_usd - hourly_after
+    if any(p is Phase.UNPULLABLE for p in fleet.phases.values()):
+        notes.append("the image cannot be pulled (see status_msg): no rents this tick")
+        want = len(resumes)  # resumes only: their disks hold the image already
     rents = _scale_out(fleet, ranked, want - len(resumes), budget, config, notes)
     picked = {r.offer.id for r in rents}
     return Decision(
@@ -188,7 +193,8 @@ def _observe(obs: Observation, config: PolicyConfig) -> _Fleet:
     ]
     avoid = {m: t for m, t in obs.avoid.items() if t > now}
     for d in failed:
-        if d.instance.machine_id is not None:
+        # An unpullable image is the image's fault, not the machine's.
+        if d.instance.machine_id is not None and phases[d.instance.id] is not Phase.UNPULLABLE:
             avoid[d.instance.machine_id] = now + config.avoid_machine_s
     live = [i for i in managed if phases[i.id].is_capacity]
     pending = _live_pending(obs.pending, managed, now)
@@ -208,7 +214,17 @@ def _phase(instance: Instance, obs: Observation, config: PolicyConfig) -> Phase:
     cold = coldpool.cold_phase(
         instance, resumed=obs.resumed, now=obs.now, resume_deadline_s=config.resume_deadline_s
     )
-    return cold or classify(instance, now=obs.now, boot_deadline_s=config.boot_deadline_s)
+    phase = cold or classify(instance, now=obs.now, boot_deadline_s=config.boot_deadline_s)
+    if phase is not Phase.RUNNING or obs.last_ready is None:
+        return phase
+    return readiness.phase(
+        instance,
+        now=obs.now,
+        started_at=obs.resumed.get(instance.id, started(instance, obs.now)),
+        last_ready=obs.last_ready,
+        boot_deadline_s=config.boot_deadline_s,
+        unready_after_s=config.unready_after_s,
+    )
 
 
 def _fit_budget(

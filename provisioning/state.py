@@ -26,6 +26,7 @@ class FleetMemory:
     first_seen: dict[int, float] = field(default_factory=dict)
     resumed: dict[int, float] = field(default_factory=dict)  # instance id -> resume asked at
     cold_since: dict[int, float] = field(default_factory=dict)  # instance id -> stopped into the pool at
+    last_ready: dict[int, float] = field(default_factory=dict)  # instance id -> last /healthz 200 at
 
     def remember(self, sample: QueueSample, *, keep_s: float) -> None:
         """Add a sample and forget those older than ``keep_s`` (keeping one just before, for the window)."""
@@ -50,6 +51,7 @@ class StateFile:
                 first_seen=_times(data.get("first_seen")),
                 resumed=_times(data.get("resumed")),
                 cold_since=_times(data.get("cold_since")),
+                last_ready=_times(data.get("last_ready")),
             )
         except FileNotFoundError:
             return FleetMemory()
@@ -67,6 +69,7 @@ class StateFile:
             "first_seen": {str(k): v for k, v in memory.first_seen.items()},
             "resumed": {str(k): v for k, v in memory.resumed.items()},
             "cold_since": {str(k): v for k, v in memory.cold_since.items()},
+            "last_ready": {str(k): v for k, v in memory.last_ready.items()},
         }
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload), encoding="utf-8")

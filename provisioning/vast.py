@@ -297,7 +297,21 @@ def parse_instance(row: Mapping[str, Any]) -> Instance | None:
         is_bid=bool(row.get("is_bid")),
         dlperf=_as_float(row.get("dlperf")),
         storage_dph=_as_float(row.get("storage_total_cost")) or 0.0,
+        public_ip=str(row.get("public_ipaddr") or "").strip() or None,
+        ports=_host_ports(row.get("ports")),
     )
+
+
+def _host_ports(ports: Any) -> dict[str, int]:
+    """``{"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41234"}]}`` -> ``{"9090/tcp": 41234}``."""
+    out: dict[str, int] = {}
+    for name, bindings in (ports or {}).items() if isinstance(ports, dict) else ():
+        for binding in bindings or []:
+            port = _as_int(binding.get("HostPort")) if isinstance(binding, dict) else None
+            if port is not None:
+                out[str(name)] = port
+                break
+    return out
 
 
 def _json_or_empty(reply: requests.Response) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def cli(fake, sqs_endpoint, tmp_path):
         "HF_TOKEN": "hf_" + SECRET,
         "XDG_STATE_HOME": str(tmp_path / "state"),
         "KLEIN_FLEET_IMAGE": IMAGE,
+        "KLEIN_FLEET_WORKER__HEALTH_PORT": "0",  # readiness probing has its own tests
         "QUEUE_URL": "",
         "COLUMNS": "240",
     }
