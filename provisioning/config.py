@@ -48,7 +48,10 @@ class OfferSettings(BaseModel):
     # Defaults are OfferRequirements' own: one place says what an acceptable offer is.
     min_reliability: float = _REQUIREMENTS.min_reliability
     verified: bool = _REQUIREMENTS.verified
-    min_cuda: float = _REQUIREMENTS.min_cuda
+    # The image's torch CUDA build (the Dockerfile's CUDA_FLAVOUR, its io.klein-worker.cuda-flavour
+    # label): hosts whose driver supports less are never rented. min_cuda overrides it.
+    cuda_flavour: str = Field(default="cu128", pattern=r"^cu\d{3}$")
+    min_cuda: float | None = None
     min_disk_gb: float = _REQUIREMENTS.min_disk_gb
     min_inet_down_mbps: float = _REQUIREMENTS.min_inet_down_mbps
     max_gpus: int = _REQUIREMENTS.max_gpus
@@ -80,7 +83,7 @@ class WorkerSettings(BaseModel):
     runtype: str = "args"
     onstart: str | None = None
     # The workers' /healthz port, exposed at rent and probed each tick (readiness.py); 0: not probed.
-    health_port: int = Field(default=9090, ge=0, le=65535)
+    health_port: int = Field(default=9100, ge=0, le=65535)  # the image's METRICS_PORT
     env: dict[str, str] = Field(default_factory=dict)  # literal values for the worker (MODEL, MAX_BATCH...)
     pass_env: list[str] = Field(
         default_factory=lambda: [
@@ -158,7 +161,7 @@ class FleetSettings(BaseSettings):
             min_vram_gb=o.min_vram_gb if o.min_vram_gb is not None else VARIANT_MIN_VRAM_GB[o.variant],
             min_reliability=o.min_reliability,
             verified=o.verified,
-            min_cuda=o.min_cuda,
+            min_cuda=o.min_cuda if o.min_cuda is not None else flavour_min_cuda(o.cuda_flavour),
             min_disk_gb=max(o.min_disk_gb, self.worker.disk_gb),
             min_inet_down_mbps=o.min_inet_down_mbps,
             max_gpus=o.max_gpus,
@@ -260,6 +263,12 @@ class FleetSettings(BaseSettings):
         environ = os.environ if environ is None else environ
         base = Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
         return base / "klein-fleet" / f"{self.fleet}.json"
+
+
+def flavour_min_cuda(flavour: str) -> float:
+    """ "cu128" -> 12.8, "cu130" -> 13.0: the CUDA version a torch build needs from the host driver."""
+    digits = flavour.removeprefix("cu")
+    return float(f"{digits[:-1]}.{digits[-1]}")
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> FleetSettings:

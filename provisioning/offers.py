@@ -31,8 +31,8 @@ class OfferRequirements:
     min_vram_gb: float = VARIANT_MIN_VRAM_GB["klein-4b"]
     min_reliability: float = 0.98
     verified: bool = True
-    # The default image runs PyPI torch 2.14.1, a CUDA 13.0 build: the host driver must support 13.0.
-    min_cuda: float = 13.0
+    # The default image's torch is a CUDA 12.8 build (Dockerfile CUDA_FLAVOUR): the driver must support 12.8.
+    min_cuda: float = 12.8
     min_disk_gb: float = 40.0
     min_inet_down_mbps: float = 200.0
     max_gpus: int = 1

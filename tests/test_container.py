@@ -92,6 +92,7 @@ crashes="$STATE/crashes-$me"
 if [[ -s "$crashes" ]]; then
     left=$(( $(cat "$crashes") - 1 ))
     if (( left > 0 )); then echo "$left" > "$crashes"; else rm -f "$crashes"; fi
+    sleep "${CRASH_DELAY:-0}"
     exit "${CRASH_EXIT:-1}"
 fi
 if [[ -n "${EXIT_AT_ONCE:-}" || -e "$STATE/exit0-$me" ]]; then exit 0; fi
@@ -316,7 +317,7 @@ def test_a_worker_that_cannot_serve_ends_the_container_at_once(box: Box) -> None
     # Exit 3 is the worker's boot error (no GPU, nothing fits, bad weights): a restart would fail the
     # same way, so the container ends, Vast shows it exited, and the fleet replaces it.
     (box.state / "crashes-box-gpu1").write_text("9")
-    proc = box.start(GPU_COUNT="2", CRASH_EXIT="3")
+    proc = box.start(GPU_COUNT="2", CRASH_EXIT="3", CRASH_DELAY="0.5")  # gpu0 is up by then
     assert proc.wait(timeout=WAIT_S) == 3
     starts = box.starts()
     assert [s.worker_id for s in starts].count("box-gpu1") == 1, "never restarted"

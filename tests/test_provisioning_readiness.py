@@ -69,7 +69,7 @@ def scaler(fake: FakeVast, clock: list[float]) -> Autoscaler:
         throughput=ThroughputModel(),
         reconciler=Reconciler(client=vast, launch=SPEC, max_hourly_usd=2.0),
         clock=lambda: clock[0],
-        health_port=9090,
+        health_port=9100,
     )
 
 
@@ -80,7 +80,7 @@ def worker_row(fake: FakeVast, health: Health, start: float) -> int:
         actual_status="running",
         start_date=start,
         public_ipaddr="127.0.0.1",
-        ports={"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(health.port)}]},
+        ports={"9100/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(health.port)}]},
     )
 
 
