@@ -26,7 +26,7 @@ from provisioning import compose, render
 from provisioning.autoscale import TICK_ERRORS, Tick, destroy_fleet
 from provisioning.config import FleetSettings, load_settings, masked_env
 from provisioning.offers import rank_offers
-from provisioning.simulate import SimConfig, compare
+from provisioning.simulate import SimConfig, cheapest_static, compare
 from provisioning.traces import PATTERNS, load_trace
 from provisioning.vast import VastAuthError
 
@@ -295,13 +295,17 @@ def simulate(
         requirements=requirements,
         sim=sim,
     )
+    equal = cheapest_static(arrivals, wait_p95_s=policy_result.wait_p95_s, sim=sim)
     if as_json:
         rows = [dataclasses.asdict(r) for r in (policy_result, static_result)]
         for row in rows:
             row.pop("fleet_sizes")
-        typer.echo(json.dumps({"trace": trace, "jobs": len(arrivals), "results": rows}, indent=2))
+        typer.echo(json.dumps(render.simulation_json(trace, len(arrivals), rows, equal), indent=2))
         return
     span = arrivals[-1] if arrivals else 0.0
     opts.console.print(f"trace {trace}: {len(arrivals)} jobs over {span / 3600:.2f} h; tick {interval:g}s")
-    opts.console.print(render.simulation_table([policy_result, static_result]))
+    opts.console.print(render.simulation_table([policy_result, static_result, equal.result]))
+    opts.console.print(
+        f"{equal.result.name}: the cheapest static fleet whose p95 wait is at most the policy's."
+    )
     opts.console.print("GPU prices, throughputs and boot times are modelled (provisioning/catalog.py).")

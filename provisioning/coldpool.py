@@ -58,11 +58,21 @@ def split_scale_in(
     leaving: Sequence[Instance], *, phases: Mapping[int, Phase], room: int
 ) -> tuple[list[Instance], list[Instance]]:
     """(stop, destroy) for instances leaving, ordered worst first: the best ``room`` running on-demand
-    ones are stopped (a booting instance has not filled its disk yet; a bid cannot be resumed at will)."""
+    ones are stopped (a bid cannot be resumed at will). Booting ones that still fit in the pool are
+    neither: they stay until they run (a disk still being filled is worth nothing stopped)."""
     stoppable = [i for i in leaving if phases.get(i.id) is Phase.RUNNING and not i.is_bid]
-    stop = stoppable[len(stoppable) - max(0, room) :] if room > 0 else []
-    chosen = {i.id for i in stop}
-    return stop, [i for i in leaving if i.id not in chosen]
+    stop = stoppable[max(0, len(stoppable) - room) :] if room > 0 else []
+    left = room - len(stop)
+    booting = [i for i in leaving if phases.get(i.id) is Phase.BOOTING and not i.is_bid]
+    wait = booting[max(0, len(booting) - left) :] if left > 0 else []
+    kept = {i.id for i in stop} | {i.id for i in wait}
+    return stop, [i for i in leaving if i.id not in kept]
+
+
+def to_fill(pool_size: int, *, cold: int, live: int) -> int:
+    """Rents that would fill the pool: its size less what is cold and what is live (every live instance
+    goes cold when demand falls). Counting the live ones keeps a resume from triggering a rent."""
+    return max(0, pool_size - cold - live)
 
 
 def pick_resumes(

@@ -71,6 +71,7 @@ class PolicySettings(BaseModel):
     pending_rent_s: float = Field(default=900.0, ge=0)  # a rent of unknown outcome counts this long
     cold_max_age_s: float = Field(default=6 * 3600.0, ge=0)  # a cold instance older than this is destroyed
     resume_deadline_s: float = Field(default=300.0, gt=0)  # a resume not running by then: destroy, rent
+    fill_cold_pool: bool = True  # when demand is met, rent to fill the cold pool (they boot, then stop)
     unready_after_s: float = Field(default=180.0, gt=0)  # a worker not answering /healthz this long: replace
     profiles_dir: Path | None = None  # benchmark profile JSON files (scripts/benchmark_vram.py)
     dlperf_images_per_second: float = Field(default=DLPERF_IMAGES_PER_SECOND, gt=0)
@@ -190,6 +191,7 @@ class FleetSettings(BaseSettings):
             cold_max_age_s=p.cold_max_age_s,
             resume_deadline_s=p.resume_deadline_s,
             unready_after_s=p.unready_after_s,
+            fill_cold_pool=p.fill_cold_pool,
         )
 
     def throughput(self) -> ThroughputModel:

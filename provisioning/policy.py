@@ -46,6 +46,7 @@ class PolicyConfig:
     cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py)
     cold_max_age_s: float = 6 * 3600.0  # a cold instance stopped longer than this is destroyed
     resume_deadline_s: float = 300.0  # a resume not running by then is destroyed and a rent made
+    fill_cold_pool: bool = True  # when demand is met, rent to fill the pool (they boot, then stop)
     unready_after_s: float = 180.0  # a worker that stopped answering /healthz this long is replaced
 
 
@@ -158,6 +159,11 @@ def decide(
     )
     hourly_after += sum(coldpool.resume_cost(i) for i in resumes)
     budget = config.max_hourly_usd - hourly_after
+    if want <= 0 and not config.manual and config.fill_cold_pool:
+        cold_after = len(fleet.cold) + len(stops) - sum(1 for d in destroys if d.instance in fleet.cold)
+        want = coldpool.to_fill(config.cold_pool, cold=cold_after, live=remaining)
+        if want > 0:
+            notes.append(f"filling the cold pool: {want} more to boot, then stop")
     if any(p is Phase.UNPULLABLE for p in fleet.phases.values()):
         notes.append("the image cannot be pulled (see status_msg): no rents this tick")
         want = len(resumes)  # resumes only: their disks hold the image already

@@ -12,7 +12,7 @@ from provisioning.models import Instance, QueueSample
 from provisioning.offers import RankedOffer
 from provisioning.policy import Decision
 from provisioning.reconcile import Action
-from provisioning.simulate import SimResult
+from provisioning.simulate import SimResult, StaticFleet
 from provisioning.vast import LaunchSpec
 
 
@@ -143,6 +143,23 @@ def simulation_table(results: Sequence[SimResult]) -> Table:
     for label, cell in rows:
         table.add_row(label, *(cell(r) for r in results))
     return table
+
+
+def simulation_json(
+    trace: str, jobs: int, results: list[dict[str, object]], equal: StaticFleet
+) -> dict[str, object]:
+    """`simulate --json`: the runs, and the cheapest static fleet reaching the policy's p95 wait."""
+    return {
+        "trace": trace,
+        "jobs": jobs,
+        "results": results,
+        "static_equal_p95": {
+            "cost_usd": round(equal.result.cost_usd, 4),
+            "wait_p95_s": round(equal.result.wait_p95_s, 3),
+            "size": equal.size,
+            "gpu": equal.gpu,
+        },
+    }
 
 
 def decision_lines(decision: Decision, *, for_status: bool = True) -> list[str]:

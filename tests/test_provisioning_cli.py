@@ -168,6 +168,9 @@ def test_simulate_builtin_and_csv(cli, tmp_path):
     trace.write_text("t\n" + "\n".join(str(k * 0.5) for k in range(2000)))
     data = json.loads(cli("simulate", "--trace", str(trace), "--json"))
     assert data["jobs"] == 2000 and [r["name"] for r in data["results"]][0] == "policy"
+    equal = data["static_equal_p95"]
+    assert set(equal) == {"cost_usd", "wait_p95_s", "size", "gpu"}
+    assert equal["wait_p95_s"] <= data["results"][0]["wait_p95_s"] + 1e-6 and equal["size"] >= 1
     assert "neither a file" in cli("simulate", "--trace", "nope", code=2)
 
 

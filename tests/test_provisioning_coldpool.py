@@ -23,6 +23,7 @@ POLICY = PolicyConfig(
     scale_in_after_s=0,
     min_instance_age_s=0,
     cold_pool=2,
+    fill_cold_pool=False,  # filling has its own test
 )
 THROUGHPUT = ThroughputModel(profiles={"RTX 4090": 0.75, "RTX 3090": 0.4})
 
@@ -136,3 +137,22 @@ def test_storage_of_the_pool_counts_in_the_cap(fake, client):
     assert any("cap" in n for n in decision.notes)
     roomier = dataclasses.replace(POLICY, max_hourly_usd=0.45)
     assert len(plan(client, visible=50, now=fake.clock(), config=roomier, avoid={1: 1e12}).rents) == 1
+
+
+def test_an_idle_fleet_fills_the_pool_boots_then_stops_what_it_rented(fake, client):
+    for _ in range(3):
+        fake.add_offer()
+    filling = dataclasses.replace(POLICY, fill_cold_pool=True, min_instance_age_s=600)
+    t0 = fake.clock()
+    first = plan(client, visible=0, now=t0, config=filling)
+    assert len(first.rents) == 2 and any("filling the cold pool" in n for n in first.notes)
+    apply(client, first)
+    # Booting: surplus to the (empty) demand, but not destroyed: they stay until they run.
+    booting = plan(client, visible=0, now=t0 + 60, config=filling)
+    assert booting.destroys == () and booting.rents == () and booting.stops == ()
+    fake.boot_all()
+    ready = plan(client, visible=0, now=t0 + 601, config=filling)
+    assert len(ready.stops) == 2 and ready.destroys == () and ready.rents == ()
+    apply(client, ready)
+    assert {r["actual_status"] for r in fake.instances.values()} == {"stopped"}
+    assert plan(client, visible=0, now=t0 + 700, config=filling).rents == ()  # full: nothing more
