@@ -131,7 +131,7 @@ class FleetSettings(BaseSettings):
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(4, ge=0)
     # Stopped instances kept (disk billed) to resume on scale-out instead of renting; 0: destroy on scale-in.
-    cold_pool: int = Field(2, ge=0)
+    cold_pool: int = Field(4, ge=0)
     target_wait_s: float = Field(120.0, gt=0)
     max_hourly_usd: float = Field(5.0, ge=0)
     max_price_per_gpu_hour: float | None = Field(1.0, gt=0)
