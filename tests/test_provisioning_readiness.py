@@ -3,6 +3,7 @@ worker endpoint), and replaces workers that never became ready, stopped being re
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,13 +59,13 @@ def fake():
         yield server
 
 
-def scaler(fake: FakeVast, clock: list[float]) -> Autoscaler:
+def scaler(fake: FakeVast, clock: list[float], policy: PolicyConfig = POLICY) -> Autoscaler:
     vast = VastClient(api_key=fake.api_key, api_url=fake.url, backoff_s=0.0, sleep=lambda s: None)
     return Autoscaler(
         vast=vast,
         backlog=None,
         label="klein",
-        policy=POLICY,
+        policy=policy,
         requirements=OfferRequirements(),
         throughput=ThroughputModel(),
         reconciler=Reconciler(client=vast, launch=SPEC, max_hourly_usd=2.0),
@@ -132,3 +133,27 @@ def test_an_unpullable_image_is_recognised_at_once(fake):
     assert [(d.instance.id, d.reason) for d in tick.decision.destroys] == [(iid, "unpullable")]
     assert tick.decision.rents == () and any("cannot be pulled" in n for n in tick.decision.notes)
     assert iid not in fake.instances and fake.rent_bodies == [] and tick.decision.avoid == {}
+
+
+def test_a_resumed_worker_boots_again_and_is_not_judged_by_its_old_readiness(fake, health):
+    fake.add_offer()
+    clock = [fake.clock()]
+    iid = worker_row(fake, health, clock[0] - 3600)
+    health.status = 200
+    autoscaler = scaler(fake, clock, dataclasses.replace(POLICY, cold_pool=1, fill_cold_pool=False))
+    assert autoscaler.tick(dry_run=False).decision.phases[iid] is Phase.RUNNING
+    VastClient(api_key=fake.api_key, api_url=fake.url).set_state(iid, "stopped")  # into the pool earlier
+    health.status = 503
+    clock[0] += 1000
+    tick = autoscaler.tick(dry_run=False)
+    assert [i.id for i in tick.decision.resumes] == [iid] and tick.decision.rents == ()
+    assert autoscaler.memory.resumed == {iid: clock[0]}
+    fake.boot_all()
+    clock[0] += 60  # running, worker still loading: booting, not "unready" from its old answer
+    tick = autoscaler.tick(dry_run=False)
+    assert tick.decision.phases[iid] is Phase.BOOTING and tick.decision.destroys == ()
+    health.status = 200
+    clock[0] += 60
+    tick = autoscaler.tick(dry_run=False)
+    assert tick.decision.phases[iid] is Phase.RUNNING and autoscaler.memory.resumed == {}
+    assert fake.rent_bodies == []
