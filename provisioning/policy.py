@@ -161,7 +161,10 @@ def decide(
     budget = config.max_hourly_usd - hourly_after
     if want <= 0 and not config.manual and config.fill_cold_pool:
         cold_after = len(fleet.cold) + len(stops) - sum(1 for d in destroys if d.instance in fleet.cold)
-        want = coldpool.to_fill(config.cold_pool, cold=cold_after, live=remaining)
+        want = min(
+            coldpool.to_fill(config.cold_pool, cold=cold_after, live=remaining),
+            config.max_instances - remaining,
+        )
         if want > 0:
             notes.append(f"filling the cold pool: {want} more to boot, then stop")
     if any(p is Phase.UNPULLABLE for p in fleet.phases.values()):

@@ -156,3 +156,8 @@ def test_an_idle_fleet_fills_the_pool_boots_then_stops_what_it_rented(fake, clie
     apply(client, ready)
     assert {r["actual_status"] for r in fake.instances.values()} == {"stopped"}
     assert plan(client, visible=0, now=t0 + 700, config=filling).rents == ()  # full: nothing more
+    # Never more live instances than max_instances, whatever the pool size.
+    for iid in list(fake.instances):
+        client.destroy_instance(iid)
+    capped = dataclasses.replace(filling, cold_pool=5, max_instances=1)
+    assert len(plan(client, visible=0, now=t0 + 800, config=capped).rents) == 1
