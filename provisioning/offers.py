@@ -51,9 +51,10 @@ class OfferRequirements:
         """
         query: dict[str, Any] = {
             "gpu_ram": {"gte": int(self.min_vram_gb * MB_PER_GB)},
-            # The server's field name: `vastai search offers` maps "reliability" to "reliability2" before
-            # sending, and vast.parse_offer reads the same field.
-            "reliability2": {"gte": self.min_reliability},
+            # The offer rows carry "reliability" and "reliability2"; the current `vastai search offers`
+            # filters and shows "reliability" (older clients mapped it to "reliability2"). Filter on
+            # the field vast.parse_offer reads.
+            "reliability": {"gte": self.min_reliability},
             "cuda_max_good": {"gte": self.min_cuda},
             "disk_space": {"gte": self.min_disk_gb},
             "inet_down": {"gte": self.min_inet_down_mbps},

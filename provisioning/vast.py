@@ -267,8 +267,8 @@ def parse_offer(row: Mapping[str, Any]) -> Offer | None:
         dph_total=_as_float(row.get("dph_total")) or 0.0,
         min_bid=_as_float(row.get("min_bid")),
         dlperf=_as_float(row.get("dlperf")),
-        # "reliability2" is what the query filters on (OfferRequirements.to_query); read the same field.
-        reliability=_as_float(row.get("reliability2")) or 0.0,
+        # The field the query filters on (OfferRequirements.to_query), not its sibling "reliability2".
+        reliability=_as_float(row.get("reliability")) or 0.0,
         verified=bool(row.get("verified")) or verification == "verified",
         cuda_max_good=_as_float(row.get("cuda_max_good")) or 0.0,
         disk_space_gb=_as_float(row.get("disk_space")) or 0.0,

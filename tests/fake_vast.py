@@ -90,7 +90,7 @@ class FakeVast:
                 "dph_total": 0.40,
                 "min_bid": 0.20,
                 "dlperf": 80.0,
-                "reliability": 0.995,  # the server has both fields; queries filter on reliability2
+                "reliability": 0.995,  # the server has both fields; the fleet filters on "reliability"
                 "reliability2": 0.995,
                 "verified": True,
                 "cuda_max_good": 13.0,

@@ -164,11 +164,11 @@ def test_offer_query_keeps_the_best_cost_per_image_beyond_the_100_cheapest_per_h
 
 def test_reliability_filtered_on_is_the_one_read(fake, client):
     # The server has two fields; the query and the local check must agree on one.
-    shaky = fake.add_offer(reliability=0.999, reliability2=0.90)
-    good = fake.add_offer(reliability=0.90, reliability2=0.995)
+    shaky = fake.add_offer(reliability=0.90, reliability2=0.999)
+    good = fake.add_offer(reliability=0.995, reliability2=0.90)
     offers = client.search_offers(OfferRequirements().to_query())
     assert [o.id for o in offers] == [good] and offers[0].reliability == 0.995
-    assert shaky in fake.offers  # filtered out by the server on reliability2, as the query asked
+    assert shaky in fake.offers  # filtered out by the server on "reliability", as the query asked
 
 
 def test_row_without_start_date_is_booting_not_stuck(fake, client, tmp_path):
