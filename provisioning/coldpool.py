@@ -32,7 +32,8 @@ def cold_phase(
             return None  # exited, offline...: a failure like any other
         return Phase.RESUMING if now - resumed[instance.id] <= resume_deadline_s else Phase.RESUME_HUNG
     stopped_by_us = (instance.intended_status or "").lower() == "stopped" and not instance.is_bid
-    if status in ("stopped", "exited", "") and stopped_by_us:
+    # Still "running" for a moment after the stop was asked: it is on its way into the pool already.
+    if stopped_by_us and status not in ("offline", "unknown"):
         return Phase.COLD
     return None
 
