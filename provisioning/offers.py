@@ -53,7 +53,7 @@ class OfferRequirements:
             "gpu_ram": {"gte": int(self.min_vram_gb * MB_PER_GB)},
             # The offer rows carry "reliability" and "reliability2"; the current `vastai search offers`
             # filters and shows "reliability" (older clients mapped it to "reliability2"). Filter on
-            # the field vast.parse_offer reads.
+            # the field vastrows.parse_offer reads.
             "reliability": {"gte": self.min_reliability},
             "cuda_max_good": {"gte": self.min_cuda},
             "disk_space": {"gte": self.min_disk_gb},

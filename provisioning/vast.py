@@ -24,6 +24,7 @@ from typing import Any
 import requests
 
 from provisioning.models import Instance, Offer
+from provisioning.vastrows import as_int, parse_instance, parse_offer
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class VastClient:
             # The request may have reached Vast and rented: retrying could rent twice.
             return CreateResult(outcome=CreateOutcome.UNKNOWN, message=type(exc).__name__)
         data = _json_or_empty(reply)
-        contract = _as_int(data.get("new_contract"))
+        contract = as_int(data.get("new_contract"))
         if contract is None and reply.status_code in _AUTH_STATUS:
             raise self._auth_error("PUT", f"/api/v0/asks/{offer_id}/", reply)
         message = str(data.get("msg") or data.get("error") or reply.reason or "")
@@ -252,85 +253,9 @@ def _check_success(reply: requests.Response, what: str) -> None:
     raise VastError(f"{what}: HTTP {reply.status_code} {msg}".rstrip(), status=reply.status_code)
 
 
-def parse_offer(row: Mapping[str, Any]) -> Offer | None:
-    offer_id, machine = _as_int(row.get("id")), _as_int(row.get("machine_id"))
-    if offer_id is None or machine is None:
-        return None
-    verification = row.get("verification")
-    return Offer(
-        id=offer_id,
-        machine_id=machine,
-        host_id=_as_int(row.get("host_id")) or 0,
-        gpu_name=str(row.get("gpu_name") or "unknown"),
-        num_gpus=_as_int(row.get("num_gpus")) or 1,
-        gpu_ram_mb=_as_int(row.get("gpu_ram")) or 0,
-        dph_total=_as_float(row.get("dph_total")) or 0.0,
-        min_bid=_as_float(row.get("min_bid")),
-        dlperf=_as_float(row.get("dlperf")),
-        # The field the query filters on (OfferRequirements.to_query), not its sibling "reliability2".
-        reliability=_as_float(row.get("reliability")) or 0.0,
-        verified=bool(row.get("verified")) or verification == "verified",
-        cuda_max_good=_as_float(row.get("cuda_max_good")) or 0.0,
-        disk_space_gb=_as_float(row.get("disk_space")) or 0.0,
-        inet_down_mbps=_as_float(row.get("inet_down")) or 0.0,
-        geolocation=str(row.get("geolocation") or ""),
-    )
-
-
-def parse_instance(row: Mapping[str, Any]) -> Instance | None:
-    instance_id = _as_int(row.get("id"))
-    if instance_id is None:
-        return None
-    return Instance(
-        id=instance_id,
-        label=row.get("label"),
-        image=row.get("image_uuid") or row.get("image"),
-        machine_id=_as_int(row.get("machine_id")),
-        host_id=_as_int(row.get("host_id")),
-        gpu_name=str(row.get("gpu_name") or "unknown"),
-        num_gpus=_as_int(row.get("num_gpus")) or 1,
-        dph_total=_as_float(row.get("dph_total")) or 0.0,
-        actual_status=row.get("actual_status"),
-        intended_status=row.get("intended_status"),
-        status_msg=str(row.get("status_msg") or ""),
-        started_at=_as_float(row.get("start_date")),  # None: not scheduled yet (the caller dates it)
-        is_bid=bool(row.get("is_bid")),
-        dlperf=_as_float(row.get("dlperf")),
-        storage_dph=_as_float(row.get("storage_total_cost")) or 0.0,
-        public_ip=str(row.get("public_ipaddr") or "").strip() or None,
-        ports=_host_ports(row.get("ports")),
-    )
-
-
-def _host_ports(ports: Any) -> dict[str, int]:
-    """``{"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41234"}]}`` -> ``{"9090/tcp": 41234}``."""
-    out: dict[str, int] = {}
-    for name, bindings in (ports or {}).items() if isinstance(ports, dict) else ():
-        for binding in bindings or []:
-            port = _as_int(binding.get("HostPort")) if isinstance(binding, dict) else None
-            if port is not None:
-                out[str(name)] = port
-                break
-    return out
-
-
 def _json_or_empty(reply: requests.Response) -> dict[str, Any]:
     try:
         data = reply.json()
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _as_int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _as_float(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None
