@@ -3,7 +3,7 @@
 # klein-worker image: FLUX.2-klein worker for rented GPUs (see docs/deploy.md).
 #
 #   docker build -t klein-worker .
-#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t klein-worker:cu128 .
+#   docker build --build-arg CUDA_FLAVOUR=cu130 -t klein-worker:cu130 .   (the default is cu128)
 #   docker build --build-arg BAKE_MODEL=black-forest-labs/FLUX.2-klein-4B \
 #                --secret id=hf_token,env=HF_TOKEN -t klein-worker:baked .
 #
@@ -28,15 +28,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # ---------------------------------------------------------------------------------------------------
 FROM python-base AS deps
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# torch's own layer first: it is the biggest and changes least. The default is PyPI's build
-# (CUDA 13, driver >= 580); for hosts with older drivers pass a PyTorch index such as
-# https://download.pytorch.org/whl/cu128 (driver >= 570). Keep within pyproject's `gpu` range.
+# torch's own layer first: it is the biggest and changes least. Its CUDA build decides the oldest
+# host driver the image runs on: CUDA_FLAVOUR=cu128 (the default: driver >= 570, what most Vast hosts
+# run, Blackwell included) or cu130 (driver >= 580, PyPI's own build). The fleet's
+# `offers.cuda_flavour` must name the same flavour (docs/provisioning.md, "CUDA supply").
+# TORCH_INDEX_URL overrides the index outright. Keep within pyproject's `gpu` range.
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG CUDA_FLAVOUR=cu128
+ARG TORCH_INDEX_URL=""
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${CUDA_FLAVOUR}}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && pip freeze | grep -iE '^(torch|torchvision)==' > /opt/torch-constraints.txt
 
@@ -125,7 +128,10 @@ ENV HF_HOME=/models/hf \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-LABEL org.opencontainers.image.title="klein-worker" \
+# The CUDA flavour torch was built for: `docker inspect` shows which hosts' drivers can run the image.
+ARG CUDA_FLAVOUR=cu128
+LABEL io.klein-worker.cuda-flavour="${CUDA_FLAVOUR}" \
+      org.opencontainers.image.title="klein-worker" \
       org.opencontainers.image.description="FLUX.2-klein image-generation worker: SQS jobs in, presigned S3 images out" \
       org.opencontainers.image.licenses="Apache-2.0"
 

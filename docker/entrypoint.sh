@@ -9,7 +9,11 @@
 # is set, METRICS_PORT+<slot>. SIGTERM/SIGINT/SIGHUP are forwarded to every child as SIGTERM (the
 # worker drains on it); after that nothing is restarted and the entrypoint exits 0 when all children
 # exited 0. A child that exits 0 on its own (idle shutdown) is not restarted; one that fails is
-# restarted with exponential backoff.
+# restarted with exponential backoff. Two failures end the container instead (the others drain), so
+# that Vast shows it "exited" and the fleet replaces it rather than paying for a GPU that cannot serve:
+#   - exit 3: the worker's boot found this machine cannot serve (no GPU, nothing fits, a missing
+#     backend, a bad MODEL_PATH/token/weights); a restart would fail the same way;
+#   - a crash loop: CRASH_LOOP_RESTARTS restarts in a row, each after less than RESTART_RESET_SECONDS.
 #
 # Environment (all optional):
 #   WORKER_CMD                    command to supervise (word-split; default "python -m worker")
@@ -21,6 +25,8 @@
 #   RESTART_BACKOFF_MAX_SECONDS   delay cap (default 60); the delay doubles per consecutive failure
 #   RESTART_RESET_SECONDS         a child that ran this long starts over at the first delay (default 300)
 #   MAX_RESTARTS                  give a slot up after this many restarts (default: never)
+#   CRASH_LOOP_RESTARTS           end the container after this many quick restarts in a row (default 5;
+#                                 0: never)
 #   KLEIN_RUN_DIR                 where the healthcheck finds the ports (default /tmp/klein-worker)
 #   HF_HUB_OFFLINE                set to 1 when the image has baked weights ($HF_HOME/klein-baked)
 set -euo pipefail
@@ -127,6 +133,10 @@ BACKOFF_MAX_MS="$(to_ms "${RESTART_BACKOFF_MAX_SECONDS:-60}")"
 RESET_MS="$(to_ms "${RESTART_RESET_SECONDS:-300}")"
 MAX_RESTARTS="${MAX_RESTARTS:-}"
 [[ -z "$MAX_RESTARTS" || "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "MAX_RESTARTS must be a whole number"
+CRASH_LOOP_RESTARTS="${CRASH_LOOP_RESTARTS:-5}"
+[[ "$CRASH_LOOP_RESTARTS" =~ ^[0-9]+$ ]] || die "CRASH_LOOP_RESTARTS must be a whole number"
+readonly EXIT_CANNOT_SERVE=3 # the worker's boot-error status (worker/__main__.py)
+FATAL_RC=0                   # set when a worker's failure ends the container
 
 if [[ -n "${GPU_COUNT:-}" && ! "$GPU_COUNT" =~ ^[0-9]+$ ]]; then
     die "GPU_COUNT must be a whole number, got '$GPU_COUNT'"
@@ -134,7 +144,7 @@ fi
 mapfile -t DEVICES < <(detect_devices)
 PREFIX="$(worker_id_prefix)"
 declare -a SLOT_DEVICE=() SLOT_ID=() SLOT_PORT=() SLOT_PID=() SLOT_STATE=() SLOT_RC=()
-declare -a SLOT_DELAY=() SLOT_RESTART_AT=() SLOT_STARTED=() SLOT_RESTARTS=()
+declare -a SLOT_DELAY=() SLOT_RESTART_AT=() SLOT_STARTED=() SLOT_RESTARTS=() SLOT_QUICK=()
 STOPPING=0
 TIMER_PID=""
 readonly TICK_MS=1000 # longest the loop sleeps without looking at signals and children
@@ -164,6 +174,7 @@ for i in "${!SLOT_DEVICE[@]}"; do
     SLOT_RESTART_AT[i]=0
     SLOT_STARTED[i]=0
     SLOT_RESTARTS[i]=0
+    SLOT_QUICK[i]=0 # restarts in a row after a short run
     SLOT_PORT[i]=""
     if [[ -n "${METRICS_PORT:-}" ]]; then
         [[ "$METRICS_PORT" =~ ^[0-9]+$ ]] || die "METRICS_PORT must be a port number, got '$METRICS_PORT'"
@@ -190,10 +201,9 @@ start_slot() {
     if ((STOPPING)); then kill -TERM "${SLOT_PID[i]}" 2>/dev/null || true; fi
 }
 
-# shellcheck disable=SC2329 # invoked through the traps below
-on_signal() {
-    local sig="$1" i
-    log "received SIG$sig: draining (no more restarts)"
+# Stop restarting and send every running worker SIGTERM (they drain).
+drain_all() {
+    local i
     STOPPING=1
     for i in "${!SLOT_STATE[@]}"; do
         case "${SLOT_STATE[i]}" in
@@ -201,6 +211,21 @@ on_signal() {
             backoff) SLOT_STATE[i]="done" ;; # was down already: it just stays down
         esac
     done
+}
+
+# shellcheck disable=SC2329 # invoked through the traps below
+on_signal() {
+    log "received SIG$1: draining (no more restarts)"
+    drain_all
+}
+
+# A worker failure that restarting cannot mend: drain the others and exit with its status.
+end_container() {
+    local i="$1" rc="$2" why="$3"
+    log "${SLOT_ID[i]} exited $rc: $why; ending the container (the others drain)"
+    SLOT_STATE[i]="done"
+    FATAL_RC="$rc"
+    drain_all
 }
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
@@ -220,12 +245,22 @@ on_exit() {
     elif ((rc == 0)); then
         log "${SLOT_ID[i]} exited 0 on its own: not restarting"
         SLOT_STATE[i]="done"
+    elif ((rc == EXIT_CANNOT_SERVE)); then
+        end_container "$i" "$rc" "this machine cannot serve (see the worker's log above)"
     elif [[ -n "$MAX_RESTARTS" ]] && ((SLOT_RESTARTS[i] >= MAX_RESTARTS)); then
         log "${SLOT_ID[i]} exited $rc after $MAX_RESTARTS restarts: giving up on it"
         SLOT_STATE[i]="done"
     else
         # A child that ran a good while was healthy: its next crash is a fresh incident.
-        if ((ran >= RESET_MS)); then SLOT_DELAY[i]="$BACKOFF_MS"; fi
+        if ((ran >= RESET_MS)); then
+            SLOT_DELAY[i]="$BACKOFF_MS"
+            SLOT_QUICK[i]=0
+        fi
+        SLOT_QUICK[i]=$((SLOT_QUICK[i] + 1))
+        if ((CRASH_LOOP_RESTARTS > 0 && SLOT_QUICK[i] > CRASH_LOOP_RESTARTS)); then
+            end_container "$i" "$rc" "crash loop ($CRASH_LOOP_RESTARTS restarts in a row, each soon after its start)"
+            return
+        fi
         SLOT_RESTART_AT[i]=$((now + SLOT_DELAY[i]))
         ms_to_s "${SLOT_DELAY[i]}"
         log "${SLOT_ID[i]} exited $rc: restarting in ${SECS}s"
@@ -316,8 +351,9 @@ done
 
 if [[ -n "$TIMER_PID" ]]; then kill "$TIMER_PID" 2>/dev/null || true; fi
 
-status=0
+status="$FATAL_RC"
 for i in "${!SLOT_RC[@]}"; do
+    ((status == 0)) || break
     if ((SLOT_RC[i] != 0)); then
         status="${SLOT_RC[i]}"
         break

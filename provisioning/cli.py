@@ -26,8 +26,9 @@ from provisioning import compose, render
 from provisioning.autoscale import TICK_ERRORS, Tick, destroy_fleet
 from provisioning.config import FleetSettings, load_settings, masked_env
 from provisioning.offers import rank_offers
-from provisioning.simulate import SimConfig, compare
+from provisioning.simulate import SimConfig, cheapest_static, compare
 from provisioning.traces import PATTERNS, load_trace
+from provisioning.vast import VastAuthError
 
 app = typer.Typer(
     help="Rent and destroy Vast.ai instances running the klein-worker image so the fleet follows the queue.",
@@ -49,6 +50,9 @@ _FLEET_OPTIONS: dict[str, Any] = {
         float | None, typer.Option("--target-wait", help="Target queue wait, seconds.")
     ],
     "max_hourly_usd": Annotated[float | None, typer.Option(help="Cap on the fleet's $/h.")],
+    "cold_pool": Annotated[
+        int | None, typer.Option(help="Stopped instances kept to resume instead of renting (0: none).")
+    ],
     "max_price_per_gpu_hour": Annotated[
         float | None, typer.Option(help="Skip offers above this $/GPU-hour.")
     ],
@@ -233,6 +237,8 @@ def autoscale(
         )
     except KeyboardInterrupt:
         opts.console.print("stopped; instances keep running (use `destroy --all` to end the fleet)")
+    except VastAuthError as exc:
+        _fail(opts.console, f"Vast refused the API key: {exc}")
 
 
 @app.command()
@@ -290,13 +296,17 @@ def simulate(
         requirements=requirements,
         sim=sim,
     )
+    equal = cheapest_static(arrivals, wait_p95_s=policy_result.wait_p95_s, sim=sim)
     if as_json:
         rows = [dataclasses.asdict(r) for r in (policy_result, static_result)]
         for row in rows:
             row.pop("fleet_sizes")
-        typer.echo(json.dumps({"trace": trace, "jobs": len(arrivals), "results": rows}, indent=2))
+        typer.echo(json.dumps(render.simulation_json(trace, len(arrivals), rows, equal), indent=2))
         return
     span = arrivals[-1] if arrivals else 0.0
     opts.console.print(f"trace {trace}: {len(arrivals)} jobs over {span / 3600:.2f} h; tick {interval:g}s")
-    opts.console.print(render.simulation_table([policy_result, static_result]))
+    opts.console.print(render.simulation_table([policy_result, static_result, equal.result]))
+    opts.console.print(
+        f"{equal.result.name}: the cheapest static fleet whose p95 wait is at most the policy's."
+    )
     opts.console.print("GPU prices, throughputs and boot times are modelled (provisioning/catalog.py).")

@@ -17,10 +17,10 @@ class SetupError(ValueError):
 
 
 def vast_client(settings: FleetSettings, *, need_key: bool = True) -> VastClient:
-    key = settings.vast_api_key.get_secret_value() if settings.vast_api_key else ""
+    key, source = settings.api_key()
     if not key and need_key:
-        raise SetupError("VAST_API_KEY is not set")
-    return VastClient(api_key=key, api_url=settings.vast_api_url)
+        raise SetupError("no Vast API key: set VAST_API_KEY or run `vastai set api-key KEY`")
+    return VastClient(api_key=key, api_url=settings.vast_api_url, key_source=source)
 
 
 def sqs_backlog(settings: FleetSettings) -> SqsBacklog | None:
@@ -68,4 +68,5 @@ def autoscaler(
         reconciler=reconciler,
         state=StateFile(path=settings.state_path()) if persist else None,
         memory=None if persist else FleetMemory(),
+        health_port=settings.worker.health_port,
     )

@@ -34,6 +34,7 @@ from provisioning.throughput import (
 from provisioning.vast import DEFAULT_API_URL, LaunchSpec
 
 _REQUIREMENTS = OfferRequirements()
+PLACEHOLDER_OWNER = "OWNER"  # in the default image name: renting it would pull nothing
 
 # Names of environment variables whose values are credentials: shown as *** anywhere they are printed.
 _SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
@@ -48,7 +49,10 @@ class OfferSettings(BaseModel):
     # Defaults are OfferRequirements' own: one place says what an acceptable offer is.
     min_reliability: float = _REQUIREMENTS.min_reliability
     verified: bool = _REQUIREMENTS.verified
-    min_cuda: float = _REQUIREMENTS.min_cuda
+    # The image's torch CUDA build (the Dockerfile's CUDA_FLAVOUR, its io.klein-worker.cuda-flavour
+    # label): hosts whose driver supports less are never rented. min_cuda overrides it.
+    cuda_flavour: str = Field(default="cu128", pattern=r"^cu\d{3}$")
+    min_cuda: float | None = None
     min_disk_gb: float = _REQUIREMENTS.min_disk_gb
     min_inet_down_mbps: float = _REQUIREMENTS.min_inet_down_mbps
     max_gpus: int = _REQUIREMENTS.max_gpus
@@ -66,6 +70,10 @@ class PolicySettings(BaseModel):
     max_per_host: int = Field(default=2, ge=1)
     images_per_job: float = Field(default=1.0, gt=0)
     pending_rent_s: float = Field(default=900.0, ge=0)  # a rent of unknown outcome counts this long
+    cold_max_age_s: float = Field(default=6 * 3600.0, ge=0)  # a cold instance older than this is destroyed
+    resume_deadline_s: float = Field(default=300.0, gt=0)  # a resume not running by then: destroy, rent
+    fill_cold_pool: bool = True  # when demand is met, rent to fill the cold pool (they boot, then stop)
+    unready_after_s: float = Field(default=180.0, gt=0)  # a worker not answering /healthz this long: replace
     profiles_dir: Path | None = None  # benchmark profile JSON files (scripts/benchmark_vram.py)
     dlperf_images_per_second: float = Field(default=DLPERF_IMAGES_PER_SECOND, gt=0)
     default_images_per_second: float = Field(default=DEFAULT_IMAGES_PER_SECOND, gt=0)
@@ -76,6 +84,8 @@ class WorkerSettings(BaseModel):
     disk_gb: float = 40.0
     runtype: str = "args"
     onstart: str | None = None
+    # The workers' /healthz port, exposed at rent and probed each tick (readiness.py); 0: not probed.
+    health_port: int = Field(default=9100, ge=0, le=65535)  # the image's METRICS_PORT
     env: dict[str, str] = Field(default_factory=dict)  # literal values for the worker (MODEL, MAX_BATCH...)
     pass_env: list[str] = Field(
         default_factory=lambda: [
@@ -91,6 +101,18 @@ class WorkerSettings(BaseModel):
     )
     registry_user: str | None = None  # for a private image (GHCR: a user and a read:packages token)
     registry_token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _onstart_needs_a_shell_mode(self) -> WorkerSettings:
+        # In the "args" (entrypoint) mode Vast runs an on-start command in place of the image's
+        # ENTRYPOINT: the worker would never start. docker/vast-onstart.sh is for the ssh/jupyter modes.
+        if self.onstart and self.runtype == "args":
+            raise ValueError(
+                "worker.onstart: with worker.runtype = 'args' Vast runs it instead of the image's "
+                "entrypoint, so no worker would start; drop onstart, or use runtype 'ssh' with "
+                "onstart = 'klein-vast-onstart'"
+            )
+        return self
 
 
 class QueueTarget(BaseModel):
@@ -109,7 +131,7 @@ class FleetSettings(BaseSettings):
         None, validation_alias=AliasChoices("vast_api_key", "VAST_API_KEY")
     )
     fleet: str = "klein"
-    image: str = "ghcr.io/OWNER/klein-worker:latest"
+    image: str = f"ghcr.io/{PLACEHOLDER_OWNER}/klein-worker:latest"
     queue_url: str | None = Field(None, validation_alias=AliasChoices("queue_url", "QUEUE_URL"))
     # Several job queues, highest priority first (the workers get them as QUEUE_URLS); or queue_url.
     queues: list[QueueTarget] = Field(default_factory=list)
@@ -119,6 +141,8 @@ class FleetSettings(BaseSettings):
     aws_region: str | None = Field(None, validation_alias=AliasChoices("aws_region", "AWS_REGION"))
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(4, ge=0)
+    # Stopped instances kept (disk billed) to resume on scale-out instead of renting; 0: destroy on scale-in.
+    cold_pool: int = Field(4, ge=0)
     target_wait_s: float = Field(120.0, gt=0)
     max_hourly_usd: float = Field(5.0, ge=0)
     max_price_per_gpu_hour: float | None = Field(1.0, gt=0)
@@ -165,7 +189,7 @@ class FleetSettings(BaseSettings):
             min_vram_gb=o.min_vram_gb if o.min_vram_gb is not None else VARIANT_MIN_VRAM_GB[o.variant],
             min_reliability=o.min_reliability,
             verified=o.verified,
-            min_cuda=o.min_cuda,
+            min_cuda=o.min_cuda if o.min_cuda is not None else flavour_min_cuda(o.cuda_flavour),
             min_disk_gb=max(o.min_disk_gb, self.worker.disk_gb),
             min_inet_down_mbps=o.min_inet_down_mbps,
             max_gpus=o.max_gpus,
@@ -190,6 +214,11 @@ class FleetSettings(BaseSettings):
             max_rents_per_tick=p.max_rents_per_tick,
             max_per_host=p.max_per_host,
             images_per_job=p.images_per_job,
+            cold_pool=self.cold_pool,
+            cold_max_age_s=p.cold_max_age_s,
+            resume_deadline_s=p.resume_deadline_s,
+            unready_after_s=p.unready_after_s,
+            fill_cold_pool=p.fill_cold_pool,
         )
 
     def throughput(self) -> ThroughputModel:
@@ -217,6 +246,8 @@ class FleetSettings(BaseSettings):
         queues = [q.url for q in self.queue_targets()]
         if not queues:
             raise ValueError("a queue URL is needed to rent workers: --queue-url, QUEUE_URL or queue_url")
+        if PLACEHOLDER_OWNER in self.image:
+            raise ValueError(f"image: {self.image!r} is the placeholder; set the worker image you pushed")
         environ = os.environ if environ is None else environ
         env = {name: environ[name] for name in self.worker.pass_env if environ.get(name)}
         env.update(self.worker.env)
@@ -224,6 +255,10 @@ class FleetSettings(BaseSettings):
             env["QUEUE_URL"] = queues[0]
         else:
             env["QUEUE_URLS"] = ",".join(queues)
+        if self.worker.health_port:
+            port = self.worker.health_port
+            env["METRICS_PORT"] = str(port)
+            env[f"-p {port}:{port}"] = "1"  # how Vast's env carries a port mapping (as `vastai --env`)
         login = None
         if self.worker.registry_token is not None:
             registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"
@@ -239,12 +274,34 @@ class FleetSettings(BaseSettings):
             image_login=login,
         )
 
+    def api_key(self, home: Path | None = None) -> tuple[str, str]:
+        """(key, where it came from): VAST_API_KEY / the config file, else the file `vastai set api-key`
+        writes (``~/.config/vastai/vast_api_key``, older clients ``~/.vast_api_key``); ("", "no key")."""
+        if self.vast_api_key is not None and self.vast_api_key.get_secret_value().strip():
+            source = "VAST_API_KEY" if os.environ.get("VAST_API_KEY") else "vast_api_key in the settings"
+            return self.vast_api_key.get_secret_value().strip(), source
+        home = Path.home() if home is None else home
+        for path in (home / ".config" / "vastai" / "vast_api_key", home / ".vast_api_key"):
+            try:
+                key = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if key:
+                return key, str(path)
+        return "", "no key"
+
     def state_path(self, environ: Mapping[str, str] | None = None) -> Path:
         if self.state_file is not None:
             return self.state_file
         environ = os.environ if environ is None else environ
         base = Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
         return base / "klein-fleet" / f"{self.fleet}.json"
+
+
+def flavour_min_cuda(flavour: str) -> float:
+    """ "cu128" -> 12.8, "cu130" -> 13.0: the CUDA version a torch build needs from the host driver."""
+    digits = flavour.removeprefix("cu")
+    return float(f"{digits[:-1]}.{digits[-1]}")
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> FleetSettings:

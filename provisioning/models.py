@@ -6,11 +6,19 @@ No I/O here: ``vast.py`` parses API replies into these, ``policy.py`` reads them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 _OFFLINE_STATUSES = {"offline", "unknown"}  # "unknown": no heartbeat from the host; it never comes back
+# What Docker says in Vast's status_msg when an image cannot be pulled: no retry will make it pullable.
+_UNPULLABLE = re.compile(
+    r"pull access denied|manifest unknown|manifest for \S+ not found|repository does not exist"
+    r"|invalid reference format|unauthorized: authentication required|denied: requested access",
+    re.IGNORECASE,
+)
 
 
 class Phase(StrEnum):
@@ -22,11 +30,16 @@ class Phase(StrEnum):
     EXITED = "exited"  # container exited: it will not come back by itself
     OFFLINE = "offline"  # host lost (offline, or no heartbeat: "unknown")
     OUTBID = "outbid"  # interruptible instance stopped by a higher bid
-    STOPPED = "stopped"  # stopped or frozen by someone else: the fleet never stops its own
+    STOPPED = "stopped"  # stopped or frozen by someone else (ours are COLD)
+    COLD = "cold"  # stopped by the fleet into the cold pool: disk kept, storage billed, not capacity
+    RESUMING = "resuming"  # asked to resume: capacity soon, unless the GPU was taken meanwhile
+    RESUME_HUNG = "resume_hung"  # still not running past the resume deadline: destroy, rent instead
+    UNREADY = "unready"  # running, but its worker never became ready (or stopped being ready)
+    UNPULLABLE = "unpullable"  # Vast says the image cannot be pulled: it never will
 
     @property
     def is_capacity(self) -> bool:
-        return self in (Phase.BOOTING, Phase.RUNNING)
+        return self in (Phase.BOOTING, Phase.RUNNING, Phase.RESUMING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,9 +82,18 @@ class Instance:
     actual_status: str | None  # None while provisioning
     intended_status: str | None
     status_msg: str
-    started_at: float  # epoch seconds (Vast's start_date)
+    started_at: float | None  # epoch seconds (Vast's start_date); None until Vast has scheduled it
     is_bid: bool = False
     dlperf: float | None = None
+    storage_dph: float = 0.0  # $/h of its disk alone: all a stopped instance bills
+    public_ip: str | None = None
+    ports: Mapping[str, int] = field(default_factory=dict)  # container "9090/tcp" -> host port
+
+    @property
+    def hourly_cost(self) -> float:
+        """What it bills now: the disk alone once stopped, else the full price."""
+        stopped = (self.actual_status or "").lower() == "stopped"
+        return self.storage_dph if stopped and (self.intended_status or "") == "stopped" else self.dph_total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,8 +183,19 @@ def classify(instance: Instance, *, now: float, boot_deadline_s: float) -> Phase
         return Phase.EXITED
     if status in _OFFLINE_STATUSES:
         return Phase.OFFLINE
+    if status != "running" and _UNPULLABLE.search(instance.status_msg):
+        return Phase.UNPULLABLE
     if status in ("stopped", "frozen"):
         outbid = instance.is_bid or "outbid" in instance.status_msg.lower()
         return Phase.OUTBID if outbid else Phase.STOPPED
     # Provisioning, loading, rebooting, and any status Vast may add later: booting until the deadline.
-    return Phase.BOOTING if now - instance.started_at <= boot_deadline_s else Phase.STUCK
+    return Phase.BOOTING if now - started(instance, now) <= boot_deadline_s else Phase.STUCK
+
+
+def started(instance: Instance, now: float) -> float:
+    """When the instance started; one Vast has not dated yet (no start_date) counts as starting now.
+
+    The autoscaler fills in the time it first saw such a row (``FleetMemory.first_seen``), so a row that
+    stays undated still reaches the boot deadline, counted from when it appeared.
+    """
+    return now if instance.started_at is None else instance.started_at

@@ -18,6 +18,8 @@ VARIANT_MIN_VRAM_GB = {
     "klein-9b": 32.0,
     "klein-9b-fp8": 32.0,
 }
+# Offers per search: wide enough that the price-per-hour order of the market cannot hide a fast card.
+OFFER_QUERY_LIMIT = 1000
 # Vast's gpu_ram is in MB and a "24 GB" card reports ~24564: count a GB as 1000 MB so such cards pass.
 MB_PER_GB = 1000
 
@@ -29,8 +31,8 @@ class OfferRequirements:
     min_vram_gb: float = VARIANT_MIN_VRAM_GB["klein-4b"]
     min_reliability: float = 0.98
     verified: bool = True
-    # The default image runs PyPI torch 2.14.1, a CUDA 13.0 build: the host driver must support 13.0.
-    min_cuda: float = 13.0
+    # The default image's torch is a CUDA 12.8 build (Dockerfile CUDA_FLAVOUR): the driver must support 12.8.
+    min_cuda: float = 12.8
     min_disk_gb: float = 40.0
     min_inet_down_mbps: float = 200.0
     max_gpus: int = 1
@@ -41,10 +43,17 @@ class OfferRequirements:
         0.10  # bid this much above the offer's min_bid, so the next small bid does not evict us
     )
 
-    def to_query(self, *, limit: int = 100) -> dict[str, Any]:
-        """The ``POST /api/v0/bundles/`` body: ``{"field": {"op": value}}`` filters plus order/type/limit."""
+    def to_query(self, *, limit: int = OFFER_QUERY_LIMIT) -> dict[str, Any]:
+        """The ``POST /api/v0/bundles/`` body: ``{"field": {"op": value}}`` filters plus order/type/limit.
+
+        Ordered by DLPerf per dollar, not by $/h: the fleet ranks by cost per image, and the 100 cheapest
+        per hour are mostly slow cards, which would cut the best cost-per-image offers from the reply.
+        """
         query: dict[str, Any] = {
             "gpu_ram": {"gte": int(self.min_vram_gb * MB_PER_GB)},
+            # The offer rows carry "reliability" and "reliability2"; the current `vastai search offers`
+            # filters and shows "reliability" (older clients mapped it to "reliability2"). Filter on
+            # the field vastrows.parse_offer reads.
             "reliability": {"gte": self.min_reliability},
             "cuda_max_good": {"gte": self.min_cuda},
             "disk_space": {"gte": self.min_disk_gb},
@@ -53,7 +62,7 @@ class OfferRequirements:
             "rentable": {"eq": True},
             "rented": {"eq": False},
             "external": {"eq": False},
-            "order": [["dph_total", "asc"]],
+            "order": [["dlperf_per_dphtotal", "desc"]],
             "type": "bid" if self.interruptible else "on-demand",
             "allocated_storage": self.min_disk_gb,
             "limit": limit,

@@ -7,12 +7,22 @@ rents of unknown outcome) goes in and comes back out as data.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from provisioning.models import Instance, Offer, PendingRent, Phase, QueueSample, classify, same_image
+from provisioning import coldpool, readiness
+from provisioning.models import (
+    Instance,
+    Offer,
+    PendingRent,
+    Phase,
+    QueueSample,
+    classify,
+    same_image,
+    started,
+)
 from provisioning.offers import OfferRequirements, RankedOffer, pick_offers, rank_offers
+from provisioning.sizing import all_busy, explain, reference_instance, sustained, target_size
 from provisioning.throughput import ThroughputModel
 
 _PENDING_MATCH_SLACK_S = 120.0  # clock skew between us and Vast when matching a late rent to its instance
@@ -32,7 +42,12 @@ class PolicyConfig:
     max_rents_per_tick: int = 4  # scale-out rate limit
     max_per_host: int = 2
     images_per_job: float = 1.0  # average images per job (batches), to turn images/s into jobs/s
-    manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard
+    manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard, no cold pool
+    cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py)
+    cold_max_age_s: float = 6 * 3600.0  # a cold instance stopped longer than this is destroyed
+    resume_deadline_s: float = 300.0  # a resume not running by then is destroyed and a rent made
+    fill_cold_pool: bool = True  # when demand is met, rent to fill the pool (they boot, then stop)
+    unready_after_s: float = 180.0  # a worker that stopped answering /healthz this long is replaced
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +58,9 @@ class Observation:
     offers: Sequence[Offer]
     avoid: Mapping[int, float] = field(default_factory=dict)  # machine id -> avoid until (epoch s)
     pending: Sequence[PendingRent] = ()
+    resumed: Mapping[int, float] = field(default_factory=dict)  # instance id -> resume asked at
+    cold_since: Mapping[int, float] = field(default_factory=dict)  # instance id -> stopped at
+    last_ready: Mapping[int, float] | None = None  # id -> last /healthz 200; None: readiness not probed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,28 +84,16 @@ class Decision:
     hourly_now: float  # $/h of everything carrying the label, plus pending rents
     hourly_after: float  # after the destroys and rents
     notes: tuple[str, ...] = ()
-
-
-def target_size(sample: QueueSample, *, jobs_per_s: float, gpus: float, config: PolicyConfig) -> int:
-    """clamp(max(ceil(backlog / (jobs/s per instance x target wait)), instances busy now), min, max)."""
-    rate = sample.required_rate(config.target_wait_s)  # per-queue target waits, highest queue first
-    drain = math.ceil(rate / jobs_per_s - 1e-9) if sample.backlog else 0
-    # Workers holding messages are busy: keep at least that many instances, or a fleet that has just caught
-    # up with a steady load would look like a surplus and shrink, and the backlog would build again.
-    busy = _busy_instances(sample.in_flight, gpus)
-    return max(config.min_instances, min(config.max_instances, max(drain, busy)))
-
-
-def _busy_instances(in_flight: int, gpus: float) -> int:
-    """Instances whose workers are all holding a message (one worker per GPU)."""
-    return math.ceil(in_flight / max(gpus, 1.0) - 1e-9)
+    stops: tuple[Instance, ...] = ()  # into the cold pool
+    resumes: tuple[Instance, ...] = ()  # out of the cold pool, before any rent
 
 
 @dataclass(slots=True, kw_only=True)
 class _Fleet:
     """What the observation says about the fleet, before any scaling."""
 
-    live: list[Instance]  # booting or running: capacity
+    live: list[Instance]  # booting, resuming or running: capacity
+    cold: list[Instance]  # stopped by us: not capacity, storage billed
     running: list[Instance]
     phases: dict[int, Phase]
     failed: list[Destroy]
@@ -108,7 +114,7 @@ def decide(
     ranked = rank_offers(
         obs.offers, requirements=requirements, throughput=throughput, avoid_machines=fleet.avoid
     )
-    jobs_per_s, gpus = _reference_instance(fleet.live, ranked, throughput, config)
+    jobs_per_s, gpus = reference_instance(fleet.live, ranked, throughput, config)
 
     def size(s: QueueSample) -> int:
         return target_size(s, jobs_per_s=jobs_per_s, gpus=gpus, config=config)
@@ -116,26 +122,59 @@ def decide(
     current = obs.samples[-1] if obs.samples else None
     desired = size(current) if current else config.min_instances
     destroys = list(fleet.failed)
+    worst_first = _cost_key(throughput)
+    for inst, why in coldpool.expired(
+        fleet.cold,
+        cold_since=obs.cold_since,
+        now=obs.now,
+        max_age_s=config.cold_max_age_s,
+        pool_size=config.cold_pool,
+        worst_first=worst_first,
+    ):
+        destroys.append(Destroy(instance=inst, reason=why))
+    stops: list[Instance] = []
     if desired < fleet.capacity:
         keep = (
-            desired
-            if config.manual
-            else _sustained(obs.samples, size, obs.now, config, fleet.capacity, notes)
+            desired if config.manual else sustained(obs.samples, size, obs.now, config, fleet.capacity, notes)
         )
-        if not config.manual and current is not None and _all_busy(current, fleet.running):
+        if not config.manual and current is not None and all_busy(current, fleet.running):
             notes.append("backlog stands and every running worker is busy: not scaling in")
             keep = fleet.capacity
-        surplus = _scale_in_order(fleet, throughput, obs.now, config)
-        destroys += [Destroy(instance=i, reason="scale_in") for i in surplus[: max(0, fleet.capacity - keep)]]
-    hourly_after = _fit_budget(fleet, destroys, throughput, obs.now, config, notes)
+        leaving = _scale_in_order(fleet, throughput, obs.now, config)[: max(0, fleet.capacity - keep)]
+        expiring = len(destroys) - len(fleet.failed)
+        room = 0 if config.manual else config.cold_pool - (len(fleet.cold) - expiring)
+        stops, scrap = coldpool.split_scale_in(leaving, phases=fleet.phases, room=room)
+        destroys += [Destroy(instance=i, reason="scale_in") for i in scrap]
+    hourly_after = _fit_budget(fleet, destroys, stops, throughput, obs.now, config, notes)
 
-    remaining = fleet.capacity - sum(1 for d in destroys if fleet.phases[d.instance.id].is_capacity)
+    leaving_ids = {d.instance.id for d in destroys} | {i.id for i in stops}
+    remaining = fleet.capacity - sum(1 for i in fleet.live if i.id in leaving_ids)
     want = min(desired, config.max_instances) - remaining
-    rents = _scale_out(fleet, ranked, want, config.max_hourly_usd - hourly_after, config, notes)
+    resumes = coldpool.pick_resumes(
+        [i for i in fleet.cold if i.id not in leaving_ids],
+        max(0, want),
+        budget_usd_per_hour=config.max_hourly_usd - hourly_after,
+        avoid=fleet.avoid,
+        best_first=worst_first,
+    )
+    hourly_after += sum(coldpool.resume_cost(i) for i in resumes)
+    budget = config.max_hourly_usd - hourly_after
+    if want <= 0 and not config.manual and config.fill_cold_pool:
+        cold_after = len(fleet.cold) + len(stops) - sum(1 for d in destroys if d.instance in fleet.cold)
+        want = min(
+            coldpool.to_fill(config.cold_pool, cold=cold_after, live=remaining),
+            config.max_instances - remaining,
+        )
+        if want > 0:
+            notes.append(f"filling the cold pool: {want} more to boot, then stop")
+    if any(p is Phase.UNPULLABLE for p in fleet.phases.values()):
+        notes.append("the image cannot be pulled (see status_msg): no rents this tick")
+        want = len(resumes)  # resumes only: their disks hold the image already
+    rents = _scale_out(fleet, ranked, want - len(resumes), budget, config, notes)
     picked = {r.offer.id for r in rents}
     return Decision(
         desired=desired,
-        reason=_explain(current, desired, jobs_per_s=jobs_per_s, gpus=gpus, config=config),
+        reason=explain(current, desired, jobs_per_s=jobs_per_s, gpus=gpus, config=config),
         phases=fleet.phases,
         capacity=fleet.capacity,
         destroys=tuple(destroys),
@@ -147,66 +186,81 @@ def decide(
         hourly_now=fleet.hourly_now,
         hourly_after=hourly_after + sum(r.price for r in rents),
         notes=tuple(notes),
+        stops=tuple(stops),
+        resumes=tuple(resumes),
     )
 
 
 def _observe(obs: Observation, config: PolicyConfig) -> _Fleet:
     now = obs.now
     managed = [i for i in obs.instances if same_image(i.image, config.image)]
-    phases = {i.id: classify(i, now=now, boot_deadline_s=config.boot_deadline_s) for i in managed}
-    failed = [Destroy(instance=i, reason=str(phases[i.id])) for i in managed if not phases[i.id].is_capacity]
+    phases = {i.id: _phase(i, obs, config) for i in managed}
+    failed = [
+        Destroy(instance=i, reason=str(phases[i.id]))
+        for i in managed
+        if not phases[i.id].is_capacity and phases[i.id] is not Phase.COLD
+    ]
     avoid = {m: t for m, t in obs.avoid.items() if t > now}
     for d in failed:
-        if d.instance.machine_id is not None:
+        # An unpullable image is the image's fault, not the machine's.
+        if d.instance.machine_id is not None and phases[d.instance.id] is not Phase.UNPULLABLE:
             avoid[d.instance.machine_id] = now + config.avoid_machine_s
     live = [i for i in managed if phases[i.id].is_capacity]
     pending = _live_pending(obs.pending, managed, now)
     return _Fleet(
         live=live,
+        cold=[i for i in managed if phases[i.id] is Phase.COLD],
         running=[i for i in live if phases[i.id] is Phase.RUNNING],
         phases=phases,
         failed=failed,
         avoid=avoid,
         pending=pending,
-        hourly_now=sum(i.dph_total for i in obs.instances) + sum(p.dph_total for p in pending),
+        hourly_now=sum(i.hourly_cost for i in obs.instances) + sum(p.dph_total for p in pending),
     )
 
 
-def _reference_instance(
-    live: Sequence[Instance], ranked: Sequence[RankedOffer], throughput: ThroughputModel, config: PolicyConfig
-) -> tuple[float, float]:
-    """(jobs/s, GPUs) of an average instance: the fleet's, else the best offer's, else the default."""
-    per_instance = [throughput.for_instance(i).images_per_second for i in live]
-    gpus = [float(max(1, i.num_gpus)) for i in live]
-    if not per_instance and ranked:
-        per_instance, gpus = [ranked[0].estimate.images_per_second], [float(max(1, ranked[0].offer.num_gpus))]
-    if not per_instance:
-        per_instance, gpus = (
-            [throughput.estimate(gpu_name="", num_gpus=1, dlperf=None).images_per_second],
-            [1.0],
-        )
-    ips = sum(per_instance) / len(per_instance)
-    return ips / config.images_per_job, sum(gpus) / len(gpus)
+def _phase(instance: Instance, obs: Observation, config: PolicyConfig) -> Phase:
+    cold = coldpool.cold_phase(
+        instance, resumed=obs.resumed, now=obs.now, resume_deadline_s=config.resume_deadline_s
+    )
+    phase = cold or classify(instance, now=obs.now, boot_deadline_s=config.boot_deadline_s)
+    if phase is not Phase.RUNNING or obs.last_ready is None:
+        return phase
+    return readiness.phase(
+        instance,
+        now=obs.now,
+        started_at=obs.resumed.get(instance.id, started(instance, obs.now)),
+        last_ready=obs.last_ready,
+        boot_deadline_s=config.boot_deadline_s,
+        unready_after_s=config.unready_after_s,
+    )
 
 
 def _fit_budget(
     fleet: _Fleet,
     destroys: list[Destroy],
+    stops: list[Instance],
     throughput: ThroughputModel,
     now: float,
     config: PolicyConfig,
     notes: list[str],
 ) -> float:
-    """Add destroys until the fleet's $/h is within the cap (a lowered cap, a price rise); return the $/h."""
+    """Add destroys until the fleet's $/h is within the cap (a lowered cap, a price rise); return the $/h.
+    Cold instances go first: they bill their disk and serve nothing."""
     cap = config.max_hourly_usd + 1e-9
-    hourly = fleet.hourly_now - sum(d.instance.dph_total for d in destroys)
+    hourly = fleet.hourly_now - sum(d.instance.hourly_cost for d in destroys)
+    hourly -= sum(coldpool.resume_cost(i) for i in stops)
     gone = {d.instance.id for d in destroys}
-    for inst in _scale_in_order(fleet, throughput, now, config, any_age=True):
+    for inst in fleet.cold + _scale_in_order(fleet, throughput, now, config, any_age=True):
         if hourly <= cap:
             break
         if inst.id not in gone:
+            if inst in stops:
+                stops.remove(inst)  # destroyed instead of stopped: its disk bills nothing either
+                hourly += coldpool.resume_cost(inst)
             destroys.append(Destroy(instance=inst, reason="over_budget"))
-            hourly -= inst.dph_total
+            gone.add(inst.id)
+            hourly -= inst.hourly_cost
     if hourly > cap:
         notes.append(f"${hourly:.2f}/h is over the cap and nothing more of ours can go")
     return hourly
@@ -251,37 +305,11 @@ def _live_pending(
 
     def arrived(p: PendingRent) -> bool:
         return any(
-            i.machine_id == p.machine_id and i.started_at >= p.requested_at - _PENDING_MATCH_SLACK_S
+            i.machine_id == p.machine_id and started(i, now) >= p.requested_at - _PENDING_MATCH_SLACK_S
             for i in managed
         )
 
     return [p for p in pending if p.expires_at > now and not arrived(p)]
-
-
-def _sustained(
-    samples: Sequence[QueueSample],
-    size: Callable[[QueueSample], int],
-    now: float,
-    config: PolicyConfig,
-    capacity: int,
-    notes: list[str],
-) -> int:
-    """The largest target over the last ``scale_in_after_s``; no shrink until history covers it."""
-    start = now - config.scale_in_after_s
-    # The last sample at or before the window start counts too (it held until the window began), but one
-    # from long before (the autoscaler was stopped for a day) says nothing about the window.
-    before = [k for k, s in enumerate(samples) if start - config.scale_in_after_s <= s.at <= start]
-    if not before:
-        notes.append(
-            f"surplus: waiting for {config.scale_in_after_s:.0f}s of queue history before scaling in"
-        )
-        return capacity
-    return max(size(s) for s in samples[before[-1] :])
-
-
-def _all_busy(sample: QueueSample, running: Sequence[Instance]) -> bool:
-    slots = sum(max(1, i.num_gpus) for i in running)
-    return sample.visible > 0 and slots > 0 and sample.in_flight >= slots
 
 
 def _scale_in_order(
@@ -290,33 +318,15 @@ def _scale_in_order(
     """Booting instances first (they hold no work; youngest first), then running ones old enough, worst
     cost per image first."""
     booting = sorted(
-        (i for i in fleet.live if fleet.phases[i.id] is Phase.BOOTING), key=lambda i: -i.started_at
+        (i for i in fleet.live if fleet.phases[i.id] is Phase.BOOTING), key=lambda i: -started(i, now)
     )
     min_age = 0.0 if (any_age or config.manual) else config.min_instance_age_s
-    running = [i for i in fleet.running if now - i.started_at >= min_age]
+    running = [i for i in fleet.running if now - started(i, now) >= min_age]
 
-    def cost(i: Instance) -> float:
-        return i.dph_total / max(throughput.for_instance(i).images_per_second, 1e-9)
-
-    return booting + sorted(running, key=lambda i: (-cost(i), -i.started_at))
+    cost = _cost_key(throughput)
+    return booting + sorted(running, key=lambda i: (-cost(i), -started(i, now)))
 
 
-def _explain(
-    sample: QueueSample | None, desired: int, *, jobs_per_s: float, gpus: float, config: PolicyConfig
-) -> str:
-    if config.manual:
-        return f"fixed at {desired} by `scale --to`"
-    if sample is None:
-        return f"no queue sample: the minimum, {desired}"
-    rate = sample.required_rate(config.target_wait_s)
-    busy = _busy_instances(sample.in_flight, gpus)
-    need = (
-        f"{rate:.2f} jobs/s to meet each queue's target wait (a queue waits behind those above it)"
-        if len(sample.queues) > 1
-        else f"backlog {sample.backlog} (visible {sample.visible} + in flight {sample.in_flight}) / "
-        f"{config.target_wait_s:.0f}s target wait = {rate:.2f} jobs/s"
-    )
-    return (
-        f"{need} / {jobs_per_s:.2f} jobs/s per instance = {rate / jobs_per_s:.2f}; "
-        f"instances busy now: {busy}; within [{config.min_instances}, {config.max_instances}] -> {desired}"
-    )
+def _cost_key(throughput: ThroughputModel) -> Callable[[Instance], float]:
+    """$/h per image/s when running: lower is better."""
+    return lambda i: i.dph_total / max(throughput.for_instance(i).images_per_second, 1e-9)

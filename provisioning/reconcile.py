@@ -12,17 +12,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from provisioning import coldpool
 from provisioning.models import PendingRent
 from provisioning.offers import RankedOffer
 from provisioning.policy import Decision
-from provisioning.vast import CreateOutcome, LaunchSpec, VastClient, VastError
+from provisioning.vast import CreateOutcome, LaunchSpec, VastAuthError, VastClient, VastError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Action:
-    kind: str  # "rent" or "destroy"
+    kind: str  # "rent", "destroy", "stop" or "resume"
     target: str
     reason: str
     outcome: str
@@ -33,6 +34,8 @@ class ApplyReport:
     actions: list[Action] = field(default_factory=list)
     pending: list[PendingRent] = field(default_factory=list)
     hourly_after: float = 0.0
+    stopped: list[int] = field(default_factory=list)  # instance ids now in the cold pool
+    resumed: list[int] = field(default_factory=list)  # instance ids asked to resume
 
 
 def describe_offer(item: RankedOffer) -> str:
@@ -66,8 +69,9 @@ class Reconciler:
             target = f"instance {d.instance.id} ({d.instance.gpu_name}, ${d.instance.dph_total:.3f}/h)"
             outcome = "dry run" if dry_run else self._destroy(d.instance.id)
             if not outcome.startswith("failed"):
-                hourly -= d.instance.dph_total
+                hourly -= d.instance.hourly_cost
             report.actions.append(Action(kind="destroy", target=target, reason=d.reason, outcome=outcome))
+        hourly = self._stop_and_resume(decision, report, hourly, dry_run=dry_run)
         known = set(decision.phases) | {i.id for i in decision.unknown}
         spares = list(decision.alternates)
         used = {r.offer.machine_id for r in decision.rents}
@@ -87,9 +91,44 @@ class Reconciler:
         report.hourly_after = hourly
         return report
 
+    def _stop_and_resume(
+        self, decision: Decision, report: ApplyReport, hourly: float, *, dry_run: bool
+    ) -> float:
+        """Stops into the cold pool, then resumes out of it (each within the cap); return the $/h after."""
+        moves = [(i, "stopped", "scale_in: into the cold pool") for i in decision.stops]
+        moves += [(i, "running", "resume from the cold pool") for i in decision.resumes]
+        for inst, state, reason in moves:
+            delta = coldpool.resume_cost(inst) * (1 if state == "running" else -1)
+            target = f"instance {inst.id} ({inst.gpu_name}, ${inst.dph_total:.3f}/h)"
+            kind = "resume" if state == "running" else "stop"
+            if delta > 0 and hourly + delta > self._cap + 1e-9:
+                outcome = f"skipped: over the ${self._cap:.2f}/h cap"
+            elif dry_run:
+                outcome = "dry run"
+            else:
+                outcome = self._set_state(inst.id, state)
+            if outcome in ("stopped", "running", "dry run"):
+                hourly += delta
+                if outcome != "dry run":
+                    (report.resumed if kind == "resume" else report.stopped).append(inst.id)
+            report.actions.append(Action(kind=kind, target=target, reason=reason, outcome=outcome))
+        return hourly
+
+    def _set_state(self, instance_id: int, state: str) -> str:
+        try:
+            self._client.set_state(instance_id, state)
+        except VastAuthError:
+            raise
+        except VastError as exc:
+            log.error("setting instance %s %s failed: %s", instance_id, state, exc)
+            return f"failed: {exc}"
+        return state
+
     def _destroy(self, instance_id: int) -> str:
         try:
             return "destroyed" if self._client.destroy_instance(instance_id) else "already gone"
+        except VastAuthError:
+            raise
         except VastError as exc:
             log.error("destroy of instance %s failed: %s", instance_id, exc)
             return f"failed: {exc}"

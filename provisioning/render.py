@@ -12,7 +12,7 @@ from provisioning.models import Instance, QueueSample
 from provisioning.offers import RankedOffer
 from provisioning.policy import Decision
 from provisioning.reconcile import Action
-from provisioning.simulate import SimResult
+from provisioning.simulate import SimResult, StaticFleet
 from provisioning.vast import LaunchSpec
 
 
@@ -84,8 +84,8 @@ def fleet_table(instances: Sequence[Instance], decision: Decision, *, now: float
             f"{inst.num_gpus}x {inst.gpu_name}",
             str(phase) if phase else "UNKNOWN (not ours)",
             inst.actual_status or "provisioning",
-            _age(now - inst.started_at),
-            f"{inst.dph_total:.3f}",
+            _age(now - inst.started_at) if inst.started_at is not None else "not started",
+            f"{inst.hourly_cost:.3f}",
             str(inst.machine_id),
             str(inst.host_id),
         )
@@ -98,7 +98,7 @@ def phase_totals(instances: Sequence[Instance], phases: Mapping[int, object]) ->
     for inst in instances:
         key = str(phases.get(inst.id, "unknown (not ours)"))
         counts[key] += 1
-        dollars[key] += inst.dph_total
+        dollars[key] += inst.hourly_cost  # a cold instance bills its disk alone
     table = Table(title="Fleet by state")
     table.add_column("state")
     table.add_column("instances", justify="right")
@@ -153,6 +153,23 @@ def simulation_table(results: Sequence[SimResult]) -> Table:
     return table
 
 
+def simulation_json(
+    trace: str, jobs: int, results: list[dict[str, object]], equal: StaticFleet
+) -> dict[str, object]:
+    """`simulate --json`: the runs, and the cheapest static fleet reaching the policy's p95 wait."""
+    return {
+        "trace": trace,
+        "jobs": jobs,
+        "results": results,
+        "static_equal_p95": {
+            "cost_usd": round(equal.result.cost_usd, 4),
+            "wait_p95_s": round(equal.result.wait_p95_s, 3),
+            "size": equal.size,
+            "gpu": equal.gpu,
+        },
+    }
+
+
 def decision_lines(decision: Decision, *, for_status: bool = True) -> list[str]:
     """Notes and strangers; for `status` also the desired size and why, and what a tick would do now."""
     lines = [f"note: {note}" for note in decision.notes]
@@ -165,6 +182,8 @@ def decision_lines(decision: Decision, *, for_status: bool = True) -> list[str]:
         head += decision.reason
         steps = [f"rent {r.offer.id} ({r.offer.gpu_name}, ${r.price:.3f}/h)" for r in decision.rents]
         steps += [f"destroy {d.instance.id} ({d.reason})" for d in decision.destroys]
+        steps += [f"stop {i.id} into the cold pool" for i in decision.stops]
+        steps += [f"resume {i.id}" for i in decision.resumes]
         lines = [head, *lines, f"autoscale would now: {'; '.join(steps) or 'nothing'}"]
     return lines
 

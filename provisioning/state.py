@@ -22,6 +22,11 @@ class FleetMemory:
     samples: list[QueueSample] = field(default_factory=list)
     avoid: dict[int, float] = field(default_factory=dict)  # machine id -> avoid until (epoch s)
     pending: list[PendingRent] = field(default_factory=list)
+    # instance id -> when it was first listed without a start_date (its boot deadline counts from then)
+    first_seen: dict[int, float] = field(default_factory=dict)
+    resumed: dict[int, float] = field(default_factory=dict)  # instance id -> resume asked at
+    cold_since: dict[int, float] = field(default_factory=dict)  # instance id -> stopped into the pool at
+    last_ready: dict[int, float] = field(default_factory=dict)  # instance id -> last /healthz 200 at
 
     def remember(self, sample: QueueSample, *, keep_s: float) -> None:
         """Add a sample and forget those older than ``keep_s`` (keeping one just before, for the window)."""
@@ -43,6 +48,10 @@ class StateFile:
                 samples=[QueueSample.from_dict(s) for s in data.get("samples", [])],
                 avoid={int(k): float(v) for k, v in data.get("avoid", {}).items()},
                 pending=[PendingRent(**p) for p in data.get("pending", [])],
+                first_seen=_times(data.get("first_seen")),
+                resumed=_times(data.get("resumed")),
+                cold_since=_times(data.get("cold_since")),
+                last_ready=_times(data.get("last_ready")),
             )
         except FileNotFoundError:
             return FleetMemory()
@@ -57,7 +66,15 @@ class StateFile:
             "samples": [asdict(s) for s in memory.samples],
             "avoid": {str(k): v for k, v in memory.avoid.items()},
             "pending": [asdict(p) for p in memory.pending],
+            "first_seen": {str(k): v for k, v in memory.first_seen.items()},
+            "resumed": {str(k): v for k, v in memory.resumed.items()},
+            "cold_since": {str(k): v for k, v in memory.cold_since.items()},
+            "last_ready": {str(k): v for k, v in memory.last_ready.items()},
         }
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload), encoding="utf-8")
         os.replace(tmp, self.path)  # atomic: a crash mid-write leaves the old file
+
+
+def _times(data: object) -> dict[int, float]:
+    return {int(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}

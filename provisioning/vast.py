@@ -4,6 +4,10 @@
 - A create that times out may still have rented: never retry it; report the outcome as unknown so the
   caller reconciles by listing instances by label.
 - An error reply can still carry ``new_contract``: the rent happened, whatever the status says.
+- A ``DELETE`` or ``PUT`` can answer 200 with ``{"success": false, "msg": ...}``: that is a failure (the
+  official ``vastai`` client reads ``success`` on every mutating call, and so do we).
+- 401/403 mean the key is wrong for good: raised as ``VastAuthError`` naming where the key came from, never
+  retried, never answered by trying the next offer.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import Any
 import requests
 
 from provisioning.models import Instance, Offer
+from provisioning.vastrows import as_int, parse_instance, parse_offer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API_URL = "https://console.vast.ai"
 PAGE_SIZE = 25  # the v1 instance list serves at most 25 rows per page
 _RETRY_STATUS = {429, 502, 503, 504}  # safe to repeat: the request was not acted on
+_AUTH_STATUS = {401, 403}  # the key is wrong for good: never retried
 _MAX_PAGES = 1000  # a server that keeps handing out next_token must not loop us forever
 
 
@@ -35,6 +41,10 @@ class VastError(RuntimeError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class VastAuthError(VastError):
+    """401/403: the key is missing, wrong or lacks a permission. Nothing else will work this run."""
 
 
 class CreateOutcome(StrEnum):
@@ -95,6 +105,7 @@ class VastClient:
         *,
         api_key: str,
         api_url: str = DEFAULT_API_URL,
+        key_source: str = "VAST_API_KEY",
         session: requests.Session | None = None,
         timeout_s: float = 30.0,
         create_timeout_s: float = 60.0,
@@ -104,7 +115,11 @@ class VastClient:
     ) -> None:
         self._url = api_url.rstrip("/")
         self._session = session or requests.Session()
-        self._session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        self._session.headers["Accept"] = "application/json"
+        if api_key:
+            # An empty key sends no header at all: "Bearer " with nothing after it is a malformed request.
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
+        self._key_source = key_source if api_key else "no key"
         self._timeout = timeout_s
         self._create_timeout = create_timeout_s
         self._attempts = max(1, max_attempts)
@@ -153,7 +168,9 @@ class VastClient:
             # The request may have reached Vast and rented: retrying could rent twice.
             return CreateResult(outcome=CreateOutcome.UNKNOWN, message=type(exc).__name__)
         data = _json_or_empty(reply)
-        contract = _as_int(data.get("new_contract"))
+        contract = as_int(data.get("new_contract"))
+        if contract is None and reply.status_code in _AUTH_STATUS:
+            raise self._auth_error("PUT", f"/api/v0/asks/{offer_id}/", reply)
         message = str(data.get("msg") or data.get("error") or reply.reason or "")
         if contract is not None:
             if not reply.ok or data.get("success") is False:
@@ -173,9 +190,20 @@ class VastClient:
         reply = self._call("DELETE", f"/api/v0/instances/{instance_id}/", json_body={}, check=False)
         if reply.status_code == 404:
             return False
-        if not reply.ok:
-            raise VastError(f"destroy {instance_id}: HTTP {reply.status_code}", status=reply.status_code)
+        _check_success(reply, f"destroy {instance_id}")
         return True
+
+    def set_state(self, instance_id: int, state: str) -> None:
+        """Stop (``"stopped"``: the GPU is released, the disk kept and billed) or resume (``"running"``).
+
+        ``PUT /api/v0/instances/{id}/`` with ``{"state": ...}``, as ``vastai stop/start instance`` sends it.
+        A resume only asks: the instance waits in "scheduling" until its GPU is free again.
+        """
+        if state not in ("stopped", "running"):
+            raise ValueError(f"state must be 'stopped' or 'running', not {state!r}")
+        path = f"/api/v0/instances/{instance_id}/"
+        reply = self._call("PUT", path, json_body={"state": state}, check=False)
+        _check_success(reply, f"set instance {instance_id} {state}")
 
     def _call(
         self,
@@ -204,6 +232,8 @@ class VastClient:
             else:
                 retry = reply.status_code == 429 or (repeat_on_failure and reply.status_code in _RETRY_STATUS)
                 if not retry or last:
+                    if reply.status_code in _AUTH_STATUS:
+                        raise self._auth_error(method, path, reply)
                     if check and not reply.ok:
                         raise VastError(
                             f"{method} {path}: HTTP {reply.status_code}", status=reply.status_code
@@ -214,51 +244,20 @@ class VastClient:
             delay = min(delay * 2, 60.0)
         raise AssertionError("unreachable")  # pragma: no cover
 
-
-def parse_offer(row: Mapping[str, Any]) -> Offer | None:
-    offer_id, machine = _as_int(row.get("id")), _as_int(row.get("machine_id"))
-    if offer_id is None or machine is None:
-        return None
-    verification = row.get("verification")
-    return Offer(
-        id=offer_id,
-        machine_id=machine,
-        host_id=_as_int(row.get("host_id")) or 0,
-        gpu_name=str(row.get("gpu_name") or "unknown"),
-        num_gpus=_as_int(row.get("num_gpus")) or 1,
-        gpu_ram_mb=_as_int(row.get("gpu_ram")) or 0,
-        dph_total=_as_float(row.get("dph_total")) or 0.0,
-        min_bid=_as_float(row.get("min_bid")),
-        dlperf=_as_float(row.get("dlperf")),
-        reliability=_as_float(row.get("reliability2", row.get("reliability"))) or 0.0,
-        verified=bool(row.get("verified")) or verification == "verified",
-        cuda_max_good=_as_float(row.get("cuda_max_good")) or 0.0,
-        disk_space_gb=_as_float(row.get("disk_space")) or 0.0,
-        inet_down_mbps=_as_float(row.get("inet_down")) or 0.0,
-        geolocation=str(row.get("geolocation") or ""),
-    )
+    def _auth_error(self, method: str, path: str, reply: requests.Response) -> VastAuthError:
+        data = _json_or_empty(reply)
+        msg = str(data.get("msg") or data.get("error") or reply.reason or "")
+        text = f"{method} {path}: HTTP {reply.status_code} {msg}".rstrip()
+        return VastAuthError(f"{text} (API key from {self._key_source})", status=reply.status_code)
 
 
-def parse_instance(row: Mapping[str, Any]) -> Instance | None:
-    instance_id = _as_int(row.get("id"))
-    if instance_id is None:
-        return None
-    return Instance(
-        id=instance_id,
-        label=row.get("label"),
-        image=row.get("image_uuid") or row.get("image"),
-        machine_id=_as_int(row.get("machine_id")),
-        host_id=_as_int(row.get("host_id")),
-        gpu_name=str(row.get("gpu_name") or "unknown"),
-        num_gpus=_as_int(row.get("num_gpus")) or 1,
-        dph_total=_as_float(row.get("dph_total")) or 0.0,
-        actual_status=row.get("actual_status"),
-        intended_status=row.get("intended_status"),
-        status_msg=str(row.get("status_msg") or ""),
-        started_at=_as_float(row.get("start_date")) or 0.0,
-        is_bid=bool(row.get("is_bid")),
-        dlperf=_as_float(row.get("dlperf")),
-    )
+def _check_success(reply: requests.Response, what: str) -> None:
+    """Raise unless the reply is 2xx and does not say ``"success": false``."""
+    data = _json_or_empty(reply)
+    if reply.ok and data.get("success") is not False:
+        return
+    msg = str(data.get("msg") or data.get("error") or reply.reason or "")
+    raise VastError(f"{what}: HTTP {reply.status_code} {msg}".rstrip(), status=reply.status_code)
 
 
 def _json_or_empty(reply: requests.Response) -> dict[str, Any]:
@@ -267,17 +266,3 @@ def _json_or_empty(reply: requests.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _as_int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _as_float(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None

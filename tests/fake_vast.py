@@ -3,11 +3,14 @@
 - ``POST /api/v0/bundles/``: offer search with ``{"field": {"op": value}}`` filters, order and limit;
 - ``PUT /api/v0/asks/{offer_id}/``: rent (``env`` must be a JSON object);
 - ``GET /api/v1/instances/``: the instance list, paged with ``next_token``/``after_token``;
-- ``DELETE /api/v0/instances/{id}/``.
+- ``DELETE /api/v0/instances/{id}/``;
+- ``PUT /api/v0/instances/{id}/`` with ``{"state": "stopped" | "running"}`` (stop keeps the disk and bills
+  ``storage_total_cost`` only; a resume waits in "scheduling" while the GPU is someone else's).
 
 Faults on demand: 429s without Retry-After, a create that errors but rents, a create slower than the
 client's timeout (that rents anyway), an offer sold twice (the second rent never boots), instances stuck
-loading, exited, offline, or stopped by an outbid.
+loading, exited, offline, or stopped by an outbid, a destroy or state change answered 200 with
+``success: false``, a key refused with 401 or 403 and a ``msg``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 IMAGE = "ghcr.io/acme/klein-worker:1.0"
-_FIELD_ALIASES = {"reliability": "reliability2"}
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "eq": lambda a, b: a == b,
     "neq": lambda a, b: a != b,
@@ -46,6 +48,7 @@ class FakeVast:
         self.offers: dict[int, dict[str, Any]] = {}
         self.instances: dict[int, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.auth_headers: list[str | None] = []  # the Authorization header of each request, as sent
         self.rent_bodies: list[dict[str, Any]] = []
         self._ids = 1000
         self._rate_limited = 0
@@ -53,6 +56,9 @@ class FakeVast:
         self._slow: dict[int, tuple[float, bool]] = {}
         self._oversold: set[int] = set()
         self._sold: set[int] = set()
+        self._refused: dict[int, str] = {}  # instance id -> msg of a 200 + success:false reply
+        self.gpu_taken: set[int] = set()  # stopped instances whose GPU someone else rented meanwhile
+        self.forbidden_keys: dict[str, str] = {}  # key -> msg of a 403 (a key without the permission)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
@@ -84,6 +90,7 @@ class FakeVast:
                 "dph_total": 0.40,
                 "min_bid": 0.20,
                 "dlperf": 80.0,
+                "reliability": 0.995,  # the server has both fields; the fleet filters on "reliability"
                 "reliability2": 0.995,
                 "verified": True,
                 "cuda_max_good": 13.0,
@@ -95,6 +102,7 @@ class FakeVast:
                 "geolocation": "Sweden, SE",
             }
             row.update(fields)
+            row.setdefault("dlperf_per_dphtotal", (row["dlperf"] or 0.0) / max(row["dph_total"], 1e-9))
             self.offers[new_id] = row
             return new_id
 
@@ -139,6 +147,33 @@ class FakeVast:
                 actual_status="stopped", cur_state="stopped", status_msg="stopped: outbid", is_bid=True
             )
 
+    def refuse(self, instance_id: int, msg: str = "Instance is locked by an ongoing operation") -> None:
+        """Answer DELETE/PUT on this instance with HTTP 200 and ``{"success": false}``."""
+        self._refused[instance_id] = msg
+
+    def route(self, command: str, path: str, body: Any, query: str) -> tuple[int, dict[str, Any]]:
+        parts = [p for p in path.split("/") if p]
+        if command == "POST" and parts == ["api", "v0", "bundles"]:
+            return self.search(body or {})
+        if command == "PUT" and parts[:3] == ["api", "v0", "asks"] and len(parts) == 4:
+            return self.rent(int(parts[3]), body)
+        if command == "GET" and parts == ["api", "v1", "instances"]:
+            return self.list_page(parse_qs(query))
+        if command == "DELETE" and parts[:3] == ["api", "v0", "instances"] and len(parts) == 4:
+            return self.destroy(int(parts[3]))
+        if command == "PUT" and parts[:3] == ["api", "v0", "instances"] and len(parts) == 4:
+            return self.set_state(int(parts[3]), body)
+        return 404, {"success": False, "error": "not_found"}
+
+    def check_key(self, auth: str) -> tuple[int, dict[str, Any]] | None:
+        """None for the right key; else the 403 (a key without the permission) or 401 reply."""
+        key = auth.removeprefix("Bearer ")
+        if key in self.forbidden_keys:
+            return 403, {"success": False, "error": "forbidden", "msg": self.forbidden_keys[key]}
+        if auth != f"Bearer {self.api_key}":
+            return 401, {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+        return None
+
     def mutations(self) -> list[tuple[str, str, Any]]:
         return [r for r in self.requests if r[0] in ("PUT", "DELETE")]
 
@@ -162,6 +197,8 @@ class FakeVast:
             "cur_state": "running",
             "status_msg": "pulling image",
             "start_date": self.clock(),
+            "disk_space": body.get("disk", 40.0),
+            "storage_total_cost": 0.01,  # $/h for the disk: what a stopped instance still bills
             "is_bid": body.get("price") is not None,
             "extra_env": [[k, v] for k, v in (body.get("env") or {}).items()],
         }
@@ -229,8 +266,35 @@ class FakeVast:
         token = str(start + limit) if start + limit < len(rows) else None
         return 200, {"instances": page, "next_token": token, "total_instances": len(rows)}
 
+    def set_state(self, instance_id: int, body: Any) -> tuple[int, dict[str, Any]]:
+        state = body.get("state") if isinstance(body, dict) else None
+        with self.lock:
+            row = self.instances.get(instance_id)
+            if row is None:
+                return 404, {"success": False, "error": "no_such_instance"}
+            if instance_id in self._refused:
+                return 200, {"success": False, "msg": self._refused[instance_id]}
+            if state == "stopped":
+                row.update(
+                    actual_status="stopped", intended_status="stopped", cur_state="stopped", status_msg=""
+                )
+            elif state == "running":
+                waiting = instance_id in self.gpu_taken
+                row.update(
+                    actual_status="scheduling" if waiting else "loading",
+                    intended_status="running",
+                    cur_state="running",
+                    status_msg="waiting for the GPU to be free" if waiting else "starting",
+                    _stuck=waiting,
+                )
+            else:
+                return 400, {"success": False, "error": "invalid_args", "msg": f"bad state {state!r}"}
+        return 200, {"success": True}
+
     def destroy(self, instance_id: int) -> tuple[int, dict[str, Any]]:
         with self.lock:
+            if instance_id in self._refused and instance_id in self.instances:
+                return 200, {"success": False, "msg": self._refused[instance_id]}
             if self.instances.pop(instance_id, None) is None:
                 return 404, {"success": False, "error": "no_such_instance"}
         return 200, {"success": True, "msg": "Instance destroyed successfully"}
@@ -244,7 +308,7 @@ def _matches(row: dict[str, Any], query: dict[str, Any]) -> bool:
     for name, condition in query.items():
         if name in _NOT_FILTERS or not isinstance(condition, dict):
             continue
-        value = row.get(_FIELD_ALIASES.get(name, name))
+        value = row.get(name)  # field names as the server has them: no client-side aliases
         for op, expected in condition.items():
             if not _OPS[op](value, expected):
                 return False
@@ -273,22 +337,15 @@ def _handler(fake: FakeVast) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             with fake.lock:
                 fake.requests.append((self.command, url.path, body))
+                fake.auth_headers.append(self.headers.get("Authorization"))
                 limited = fake._rate_limited > 0
                 fake._rate_limited -= 1 if limited else 0
-            if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-                return self._reply(401, {"success": False, "error": "auth_error"})
+            refused = fake.check_key(self.headers.get("Authorization") or "")
+            if refused:
+                return self._reply(*refused)
             if limited:
                 return self._reply(429, {"success": False, "error": "rate_limited"})  # no Retry-After
-            parts = [p for p in url.path.split("/") if p]
-            if self.command == "POST" and parts == ["api", "v0", "bundles"]:
-                return self._reply(*fake.search(body or {}))
-            if self.command == "PUT" and parts[:3] == ["api", "v0", "asks"] and len(parts) == 4:
-                return self._reply(*fake.rent(int(parts[3]), body))
-            if self.command == "GET" and parts == ["api", "v1", "instances"]:
-                return self._reply(*fake.list_page(parse_qs(url.query)))
-            if self.command == "DELETE" and parts[:3] == ["api", "v0", "instances"] and len(parts) == 4:
-                return self._reply(*fake.destroy(int(parts[3])))
-            return self._reply(404, {"success": False, "error": "not_found"})
+            return self._reply(*fake.route(self.command, url.path, body, url.query))
 
         do_GET = do_POST = do_PUT = do_DELETE = _handle
 

@@ -92,7 +92,8 @@ crashes="$STATE/crashes-$me"
 if [[ -s "$crashes" ]]; then
     left=$(( $(cat "$crashes") - 1 ))
     if (( left > 0 )); then echo "$left" > "$crashes"; else rm -f "$crashes"; fi
-    exit 3
+    sleep "${CRASH_DELAY:-0}"
+    exit "${CRASH_EXIT:-1}"
 fi
 if [[ -n "${EXIT_AT_ONCE:-}" || -e "$STATE/exit0-$me" ]]; then exit 0; fi
 while :; do sleep 0.05; done
@@ -265,7 +266,7 @@ def test_a_crashed_child_is_restarted_and_the_others_are_untouched(box: Box) -> 
     first, second = by_id["box-gpu1"]
     assert first.pid != second.pid
     assert second.device == "1", "the restarted child keeps its GPU"
-    assert "box-gpu1 exited 3: restarting in 0.100s" in box.log_text()
+    assert "box-gpu1 exited 1: restarting in 0.100s" in box.log_text()
 
     assert box.stop(proc) == 0
     assert box.terms() == {by_id["box-gpu0"][0].pid, second.pid}
@@ -275,7 +276,7 @@ def test_restart_delay_doubles_up_to_the_cap(box: Box) -> None:
     (box.state / "crashes-box-gpu0").write_text("4")
     proc = box.start(GPU_COUNT="1")
     box.wait_starts(5)
-    delays = re.findall(r"box-gpu0 exited 3: restarting in ([0-9.]+)s", box.log_text())
+    delays = re.findall(r"box-gpu0 exited 1: restarting in ([0-9.]+)s", box.log_text())
     assert delays == ["0.100", "0.200", "0.300", "0.300"]
     assert box.stop(proc) == 0
 
@@ -308,8 +309,39 @@ def test_all_children_exiting_zero_ends_the_entrypoint(box: Box) -> None:
 def test_max_restarts_gives_a_slot_up(box: Box) -> None:
     (box.state / "crashes-box-gpu0").write_text("9")
     proc = box.start(GPU_COUNT="1", MAX_RESTARTS="2")
-    assert proc.wait(timeout=WAIT_S) == 3, "the child's failure status is the container's"
+    assert proc.wait(timeout=WAIT_S) == 1, "the child's failure status is the container's"
     assert len(box.starts()) == 3
+
+
+def test_a_worker_that_cannot_serve_ends_the_container_at_once(box: Box) -> None:
+    # Exit 3 is the worker's boot error (no GPU, nothing fits, bad weights): a restart would fail the
+    # same way, so the container ends, Vast shows it exited, and the fleet replaces it.
+    (box.state / "crashes-box-gpu1").write_text("9")
+    proc = box.start(GPU_COUNT="2", CRASH_EXIT="3", CRASH_DELAY="0.5")  # gpu0 is up by then
+    assert proc.wait(timeout=WAIT_S) == 3
+    starts = box.starts()
+    assert [s.worker_id for s in starts].count("box-gpu1") == 1, "never restarted"
+    gpu0 = next(s for s in starts if s.worker_id == "box-gpu0")
+    assert gpu0.pid in box.terms(), "the healthy worker was drained, not left running"
+    assert "box-gpu1 exited 3: this machine cannot serve" in box.log_text()
+    assert "restarting" not in box.log_text()
+
+
+def test_a_crash_loop_ends_the_container(box: Box) -> None:
+    (box.state / "crashes-box-gpu0").write_text("99")
+    proc = box.start(GPU_COUNT="1", CRASH_LOOP_RESTARTS="3")
+    assert proc.wait(timeout=WAIT_S) == 1
+    assert len(box.starts()) == 4, "the first start and three restarts"
+    assert "crash loop (3 restarts in a row" in box.log_text()
+
+
+def test_a_crash_after_a_long_healthy_run_does_not_count_towards_the_loop(box: Box) -> None:
+    # Every run lasts longer than RESTART_RESET_SECONDS: each crash is a fresh incident.
+    (box.state / "crashes-box-gpu0").write_text("4")
+    proc = box.start(GPU_COUNT="1", CRASH_LOOP_RESTARTS="1", RESTART_RESET_SECONDS="0")
+    box.wait_starts(5)
+    assert proc.poll() is None and "crash loop" not in box.log_text()
+    assert box.stop(proc) == 0
 
 
 def test_preset_cuda_visible_devices_wins_over_nvidia_smi(box: Box) -> None:

@@ -60,6 +60,7 @@ def cli(fake, sqs_endpoint, tmp_path):
         "HF_TOKEN": "hf_" + SECRET,
         "XDG_STATE_HOME": str(tmp_path / "state"),
         "KLEIN_FLEET_IMAGE": IMAGE,
+        "KLEIN_FLEET_WORKER__HEALTH_PORT": "0",  # readiness probing has its own tests
         "QUEUE_URL": "",
         "COLUMNS": "240",
     }
@@ -167,6 +168,9 @@ def test_simulate_builtin_and_csv(cli, tmp_path):
     trace.write_text("t\n" + "\n".join(str(k * 0.5) for k in range(2000)))
     data = json.loads(cli("simulate", "--trace", str(trace), "--json"))
     assert data["jobs"] == 2000 and [r["name"] for r in data["results"]][0] == "policy"
+    equal = data["static_equal_p95"]
+    assert set(equal) == {"cost_usd", "wait_p95_s", "size", "gpu"}
+    assert equal["wait_p95_s"] <= data["results"][0]["wait_p95_s"] + 1e-6 and equal["size"] >= 1
     assert "neither a file" in cli("simulate", "--trace", "nope", code=2)
 
 
@@ -222,3 +226,28 @@ def test_several_queues_from_the_toml_status_per_queue_and_rent_with_queue_urls(
     assert body["env"]["QUEUE_URLS"] == f"{high},{low}" and "QUEUE_URL" not in body["env"]
     both = cli("--config", str(config), "status", "--queue-url", high, code=2)
     assert "not both" in both
+
+
+def test_autoscale_stops_into_the_cold_pool_resumes_it_and_status_shows_it(cli, fake, queue, tmp_path):
+    fast = {"KLEIN_FLEET_POLICY__SCALE_IN_AFTER_S": "0", "KLEIN_FLEET_POLICY__MIN_INSTANCE_AGE_S": "0"}
+    ids = [
+        fake.add_instance(
+            label="klein", image_uuid=IMAGE, actual_status="running", start_date=fake.clock() - 900
+        )
+        for _ in range(3)
+    ]
+    empty = queue(0)
+    out = cli("--cold-pool", "1", "autoscale", "--once", "--queue-url", empty, **fast)
+    assert out.count("stopped") >= 1 and out.count("destroyed") == 2
+    (cold,) = fake.instances
+    assert cold in ids and fake.instances[cold]["actual_status"] == "stopped"
+    out = cli("status", "--queue-url", empty, **fast)
+    assert "cold" in out and "0.010" in out  # the pool shows, billed for its disk alone
+    state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
+    assert str(cold) in state["cold_since"]
+    fake.add_offer()
+    out = cli("autoscale", "--once", "--queue-url", queue(40), **fast)
+    assert "resume" in out and fake.instances[cold]["intended_status"] == "running"
+    assert fake.rent_bodies == []  # resumed, not rented
+    state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
+    assert str(cold) in state["resumed"] and state["cold_since"] == {}

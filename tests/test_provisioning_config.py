@@ -87,6 +87,9 @@ def test_launch_spec_passes_worker_env_and_keeps_secrets_out_of_display(config_f
         "MODEL": "klein-4b",
         "MAX_BATCH": "4",
         "QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/jobs",
+        # The workers' /healthz, exposed so the fleet can ask whether they serve.
+        "METRICS_PORT": "9100",
+        "-p 9100:9100": "1",
     }
     assert spec.label == "prod" and spec.disk_gb == 60
     assert spec.image_login == "-u bot -p ghp_secret ghcr.io"
@@ -94,6 +97,33 @@ def test_launch_spec_passes_worker_env_and_keeps_secrets_out_of_display(config_f
     assert shown["AWS_SECRET_ACCESS_KEY"] == "***" and shown["AWS_ACCESS_KEY_ID"] == "***"
     assert shown["MODEL"] == "klein-4b" and shown["QUEUE_URL"].startswith("https://")
     assert "ghp_secret" not in repr(s) and "topsecret" not in repr(spec)
+
+
+def test_the_placeholder_image_is_refused(monkeypatch):
+    monkeypatch.delenv("KLEIN_FLEET_IMAGE", raising=False)
+    s = load_settings(None, queue_url="https://sqs.us-east-1.amazonaws.com/1/jobs")
+    with pytest.raises(ValueError, match="image: .*placeholder"):
+        s.launch_spec({})
+    assert (
+        "METRICS_PORT"
+        not in load_settings(None, queue_url="https://q", image="ghcr.io/acme/w:1", worker={"health_port": 0})
+        .launch_spec({})
+        .env
+    )
+
+
+@pytest.mark.parametrize(
+    ("offers", "min_cuda"), [({}, 12.8), ({"cuda_flavour": "cu130"}, 13.0), ({"min_cuda": 12.6}, 12.6)]
+)
+def test_the_image_cuda_flavour_sets_the_driver_floor(offers, min_cuda):
+    assert load_settings(None, offers=offers).requirements().min_cuda == min_cuda
+    query = load_settings(None, offers=offers).requirements().to_query()
+    assert query["cuda_max_good"] == {"gte": min_cuda}
+
+
+def test_a_cuda_flavour_that_is_not_one_is_an_error_naming_the_field():
+    with pytest.raises(ValueError, match="cuda_flavour"):
+        load_settings(None, offers={"cuda_flavour": "cuda13"})
 
 
 def test_renting_needs_a_queue(monkeypatch):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from provisioning.catalog import CATALOG
 from provisioning.offers import OfferRequirements
 from provisioning.policy import PolicyConfig
-from provisioning.simulate import SimConfig, compare, simulate_static
+from provisioning.simulate import SimConfig, cheapest_static, compare, simulate_policy, simulate_static
 from provisioning.traces import generate, load_trace, read_csv
 
 POLICY = PolicyConfig(image="sim", max_instances=20, max_hourly_usd=6.0, target_wait_s=120)
@@ -69,3 +71,57 @@ def test_stuck_boots_are_replaced_in_simulation():
     sim = SimConfig(seed=9, stuck_probability=0.5)
     policy, _ = compare(arrivals, policy=POLICY, requirements=REQUIREMENTS, sim=sim)
     assert policy.unserved == 0 and policy.destroys >= 1
+
+
+COLD = dataclasses.replace(POLICY, cold_pool=16, max_hourly_usd=10.0)
+
+
+def test_a_cold_pool_serves_bursts_with_fewer_rents_and_shorter_waits():
+    arrivals = generate("burst", duration_s=4 * 3600, seed=2)
+    without, _ = simulate_policy(
+        arrivals,
+        policy=dataclasses.replace(COLD, cold_pool=0),
+        requirements=REQUIREMENTS,
+        sim=SimConfig(seed=2),
+    )
+    pooled, _ = simulate_policy(arrivals, policy=COLD, requirements=REQUIREMENTS, sim=SimConfig(seed=2))
+    assert pooled.unserved == 0
+    assert pooled.rents < without.rents / 2 and pooled.wait_p95_s < without.wait_p95_s
+
+
+@pytest.mark.parametrize("trace", ["step", "burst", "sine"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("cold_pool", [0, 4, 16])
+def test_the_hourly_cap_holds_in_every_simulated_run(trace, seed, cold_pool):
+    # Storage of the stopped instances counts: peak $/h is every live GPU plus every cold disk.
+    cap = 4.0
+    policy = dataclasses.replace(COLD, cold_pool=cold_pool, max_hourly_usd=cap)
+    arrivals = generate(trace, duration_s=2 * 3600, seed=seed)
+    sim = SimConfig(seed=seed, unhealthy_probability=0.1, resume_hang_probability=0.2)
+    result, _ = simulate_policy(arrivals, policy=policy, requirements=REQUIREMENTS, sim=sim)
+    assert result.peak_hourly_usd <= cap + 1e-9
+
+
+def test_unhealthy_workers_and_hung_resumes_are_replaced_in_simulation():
+    arrivals = generate("burst", duration_s=3 * 3600, seed=5)
+    sim = SimConfig(seed=5, unhealthy_probability=0.4, resume_hang_probability=1.0)
+    result, _ = simulate_policy(arrivals, policy=COLD, requirements=REQUIREMENTS, sim=sim)
+    # Every resume hangs and many workers never serve; the jobs are served all the same.
+    assert result.unserved == 0 and result.destroys > 0
+
+
+def test_the_cheapest_static_fleet_for_a_p95_is_the_smallest_that_reaches_it():
+    arrivals = generate("step", duration_s=2 * 3600, seed=3)
+    sim = SimConfig(seed=3)
+    found = cheapest_static(arrivals, wait_p95_s=60.0, sim=sim)
+    assert found.result.wait_p95_s <= 60.0
+    model = next(m for m in sim.catalog if m.name == found.gpu)
+    if found.size > 1:
+        smaller = simulate_static(arrivals, model=model, count=found.size - 1, sim=sim)
+        assert smaller.wait_p95_s > 60.0
+    for other in sim.catalog:  # no other model reaches the p95 for less
+        for size in range(1, 12):
+            r = simulate_static(arrivals, model=other, count=size, sim=sim)
+            if r.wait_p95_s <= 60.0:
+                assert r.cost_usd >= found.result.cost_usd - 1e-9
+                break

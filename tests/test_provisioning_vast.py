@@ -49,7 +49,7 @@ def ranked(client: VastClient, offer_id: int, price: float = 0.4) -> RankedOffer
 def test_search_sends_filters_with_gpu_ram_in_mb_and_parses_offers(fake, client):
     big = fake.add_offer(gpu_ram=24564, dph_total=0.35)
     fake.add_offer(gpu_ram=16376)  # a 16 GB card: below klein-4B BF16's 24 GB
-    fake.add_offer(reliability2=0.9)
+    fake.add_offer(reliability=0.9)
     fake.add_offer(verified=False)
     offers = client.search_offers(OfferRequirements().to_query())
     assert [o.id for o in offers] == [big]

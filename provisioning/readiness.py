@@ -1,0 +1,56 @@
+"""Whether a running instance's worker can serve: its ``/healthz``, probed on the port Vast mapped.
+
+The channel, and why (docs/provisioning.md, "Capacity that serves"): Vast's ``actual_status`` says the
+container runs, not that the worker booted, and ``status_msg`` is Vast's, not the worker's. A push from
+the worker would need an endpoint the operator runs. The worker already answers ``/healthz`` (200 once
+booted with the queue answering, else 503) on ``METRICS_PORT``; the fleet exposes that port at rent
+(``-p PORT:PORT``) and asks each running instance once a tick. The cost: the autoscaler must reach the
+hosts' public ports, and the port is open to anyone (it reveals no secret). Without a health port
+(``worker.health_port = 0``) readiness is not probed and a running container counts as serving.
+
+``probe`` does the I/O; ``phase`` is pure, for the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import requests
+
+from provisioning.models import Instance, Phase
+
+log = logging.getLogger(__name__)
+
+
+def probe(instances: Iterable[Instance], *, port: int, timeout_s: float = 3.0) -> dict[int, bool]:
+    """instance id -> its worker answered 200 on /healthz; only running instances with a mapped port."""
+    ready: dict[int, bool] = {}
+    for inst in instances:
+        host_port = inst.ports.get(f"{port}/tcp")
+        if (inst.actual_status or "") != "running" or not inst.public_ip or host_port is None:
+            continue
+        try:
+            reply = requests.get(f"http://{inst.public_ip}:{host_port}/healthz", timeout=timeout_s)
+            ready[inst.id] = reply.status_code == 200
+        except requests.RequestException as exc:
+            log.debug("instance %s: /healthz unreachable (%s)", inst.id, type(exc).__name__)
+            ready[inst.id] = False
+    return ready
+
+
+def phase(
+    instance: Instance,
+    *,
+    now: float,
+    started_at: float,
+    last_ready: Mapping[int, float],
+    boot_deadline_s: float,
+    unready_after_s: float,
+) -> Phase:
+    """The phase of a running instance under probing: booting until its worker first answers (up to the
+    boot deadline), running while it answers, unready once it has not answered for ``unready_after_s``."""
+    seen = last_ready.get(instance.id)
+    if seen is None or seen < started_at:
+        return Phase.BOOTING if now - started_at <= boot_deadline_s else Phase.UNREADY
+    return Phase.RUNNING if now - seen <= unready_after_s else Phase.UNREADY
