@@ -14,15 +14,13 @@ from spandrel.architectures.ESRGAN import ESRGAN
 
 from handlers.engines.tiling import _spans
 from handlers.engines.upscaler import (
-    REALESRGAN_X2PLUS_URL,
-    REALESRGAN_X4PLUS_URL,
     UNTILED_BYTES_PER_OUTPUT_PIXEL,
     Upscaler,
     create_upscaler,
     tiny_state_dict,
 )
-from handlers.engines.weights import cache_path
-from handlers.errors import JobError
+from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL, cache_path
+from handlers.errors import InvalidInput, JobError
 from tests.scripted_http import ScriptedServer
 
 
@@ -73,7 +71,7 @@ def test_load_is_timed_once_and_release_unloads() -> None:
 
 
 def test_unknown_scale_is_an_error(tiny: Upscaler) -> None:
-    with pytest.raises(ValueError, match="x3"):
+    with pytest.raises(InvalidInput, match="x3"):
         tiny.ensure_loaded(3)
 
 
@@ -127,12 +125,12 @@ def test_checkpoint_of_the_wrong_scale_is_refused(tmp_path: Path) -> None:
     upscaler = create_upscaler(model="real", weights_x2=str(x4), weights_x4=None, device="cpu")
     with pytest.raises(ValueError, match="x2 hold a x4"):
         upscaler.ensure_loaded(2)
-    with pytest.raises(ValueError, match="no upscaler weights for x4"):
+    with pytest.raises(InvalidInput, match="x4 is not available .*UPSCALER_WEIGHTS_X4 is unset"):
         upscaler.ensure_loaded(4)
 
 
 def test_missing_weights_file_fails_at_creation(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match="UPSCALER_WEIGHTS_X4: .*missing.pth"):
         create_upscaler(model="real", weights_x2=None, weights_x4=str(tmp_path / "missing.pth"))
 
 
