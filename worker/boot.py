@@ -151,6 +151,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
 
     def load_klein() -> KleinEngine:
         loading = time.perf_counter()
+        library_output_to_logs()
         try:
             engine = create_klein_engine(
                 model=variant.model,
@@ -204,6 +205,21 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     return engines
 
 
+def library_output_to_logs() -> None:
+    """Nothing between the worker's log lines: no download or loading bars (huggingface_hub also
+    honours HF_HUB_DISABLE_PROGRESS_BARS, set in the image; diffusers and transformers only their
+    own switches), and their warnings go through our handler instead of their own stderr one."""
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
 def check_model_path(settings: Settings) -> None:
     """MODEL_PATH must be a diffusers folder (``save_pretrained`` layout); checked before any load,
     also with PRELOAD_MODELS=false, so a typo is a boot error and not the first job's."""
@@ -230,11 +246,11 @@ def weights_error(settings: Settings, variant: Variant, exc: Exception) -> str:
             f"({detail}); download it again or point MODEL_PATH at a complete copy"
         )
     hub_id = HUB_IDS.get(variant.model, variant.model)
-    token = "HF_TOKEN is set but" if settings.hf_token else "HF_TOKEN is unset and"
+    token = "check that HF_TOKEN belongs to" if settings.hf_token else "set HF_TOKEN to a token of"
     return (
         f"{variant.label}: {hub_id} could not be loaded ({detail}). The weights are gated: {token} "
-        f"must belong to an account that accepted the license at https://huggingface.co/{hub_id}; "
-        "or set MODEL_PATH to a downloaded folder"
+        f"an account that accepted the license at https://huggingface.co/{hub_id}, or set MODEL_PATH "
+        "to a downloaded folder"
     )
 
 

@@ -84,6 +84,9 @@ def start_local_stack(
     """Start moto on a free loopback port; create the job queue (redriving to a DLQ), results, a bucket."""
     from moto.server import ThreadedMotoServer
 
+    # werkzeug logs every request at INFO, through a handler of its own when logging is not yet
+    # configured: the demo would print moto's access lines between its job table and results.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
