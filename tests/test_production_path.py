@@ -5,14 +5,17 @@ production misconfiguration as one log line and exit 3 ("cannot serve")."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import queue_counts, results, s3_image, send, spawn_worker
+from tests.conftest import ROOT, queue_counts, results, s3_image, send, spawn_worker
 from tests.production import corrupt_copy, log_lines, partial_copy, serve_checkpoints, write_klein_folder
 from tests.scripted_http import ScriptedServer, png_bytes
 
@@ -285,3 +288,48 @@ def test_hub_weights_that_cannot_be_fetched_name_the_token_and_the_license(
     message = _cannot_start(stack, **env)
     assert "black-forest-labs/FLUX.2-klein-4B could not be loaded" in message
     assert "set HF_TOKEN" in message and "https://huggingface.co/black-forest-labs/FLUX.2-klein-4B" in message
+
+
+def test_fetch_weights_fills_the_cache_once_as_the_image_build_does(tmp_path, weight_urls):
+    # The Dockerfile's BAKE_UPSCALER_WEIGHTS runs this command; a worker with the same HF_HOME
+    # then finds the files (the cache test above shows a cached file is not fetched again).
+    host = ScriptedServer()
+    try:
+        urls = serve_checkpoints(host)
+        env = {
+            **os.environ,
+            "HF_HOME": str(tmp_path / "hf"),
+            "UPSCALER_WEIGHTS_X2": urls[2],
+            "UPSCALER_WEIGHTS_X4": urls[4],
+        }
+        for _ in range(2):
+            done = subprocess.run(
+                [sys.executable, "-m", "worker", "fetch-weights"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=BOOT_TIMEOUT_S,
+            )
+            assert done.returncode == 0, done.stderr
+        assert host.count("/releases/RealESRGAN_x2plus.pth") == 1
+        assert host.count("/releases/RealESRGAN_x4plus.pth") == 1
+        missing = {**env, "UPSCALER_WEIGHTS_X4": host.url + "/status/404/x4.pth"}
+        failed = subprocess.run(
+            [sys.executable, "-m", "worker", "fetch-weights"],
+            cwd=ROOT,
+            env=missing,
+            capture_output=True,
+            text=True,
+            timeout=BOOT_TIMEOUT_S,
+        )
+    finally:
+        host.close()
+    assert failed.returncode == 3
+    (line,) = log_lines(failed.stderr)[-1:]
+    assert line["msg"].startswith("cannot start: UPSCALER_WEIGHTS_X4: ") and "HTTP 404" in line["msg"]
+    cache = tmp_path / "hf" / "klein-worker" / "upscalers"
+    assert sorted(p.name.split("-", 1)[1] for p in cache.iterdir()) == [
+        "RealESRGAN_x2plus.pth",
+        "RealESRGAN_x4plus.pth",
+    ]
