@@ -571,3 +571,48 @@ def test_post_json_4xx_is_permanent(server: ScriptedServer) -> None:
         client().post_json(server.url("/hook"), b"{}", {})
     assert caught.value.retryable is False
     assert len(server.seen) == 1
+
+
+# -- DNS rebinding ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """A DNS server under the test's control for ``*.rebind.test`` names: each lookup pops the
+    next answer (the last one repeats), like a rebinding server with TTL 0. Other names resolve
+    as usual."""
+    answers: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list:
+        if isinstance(host, str) and host in answers:
+            queue = answers[host]
+            address = queue.pop(0) if len(queue) > 1 else queue[0]
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_connected_to(
+    server: ScriptedServer, dns: dict[str, list[str]]
+) -> None:
+    server.sequence("/x.png", Reply(200, png_bytes(), {"Content-Type": "image/png"}))
+    dns["evil.rebind.test"] = ["8.8.8.8", "127.0.0.1"]  # public for the check, loopback after
+    guarded = client(allow_private_urls=False, attempts=1)
+    with pytest.raises(InvalidInput, match="non-public address 127.0.0.1"):
+        guarded.download_image(f"http://evil.rebind.test:{server.port}/x.png")
+    assert server.seen == []  # the loopback server was never reached
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_host_name_kept(
+    server: ScriptedServer, dns: dict[str, list[str]]
+) -> None:
+    server.sequence("/x.png", Reply(200, png_bytes(), {"Content-Type": "image/png"}))
+    # Checked twice (early check, then at connect), then a different answer nobody may use.
+    dns["cdn.rebind.test"] = ["127.0.0.1", "127.0.0.1", "10.9.9.9"]
+    guarded = client(allow_private_urls=False, allowed_networks=["127.0.0.1/32"], attempts=1)
+    assert guarded.download_image(f"http://cdn.rebind.test:{server.port}/x.png").size == (8, 6)
+    (seen,) = server.seen
+    assert seen.headers["Host"] == f"cdn.rebind.test:{server.port}"
