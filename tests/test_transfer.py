@@ -616,3 +616,23 @@ def test_the_connection_goes_to_the_checked_address_with_the_host_name_kept(
     assert guarded.download_image(f"http://cdn.rebind.test:{server.port}/x.png").size == (8, 6)
     (seen,) = server.seen
     assert seen.headers["Host"] == f"cdn.rebind.test:{server.port}"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_the_contracts_formats_decode(fmt: str) -> None:
+    from handlers.imaging import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), (10, 200, 30)).save(buf, format=fmt)
+    assert decode_image(buf.getvalue(), max_pixels=1000).size == (12, 10)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "TGA", "PPM", "ICO"])
+def test_other_image_formats_are_not_decoded(server: ScriptedServer, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format=fmt)
+    server.sequence("/x", Reply(200, buf.getvalue(), {"Content-Type": "image/png"}))
+    expected = r"^images: content is not a decodable PNG, JPEG or WebP image"
+    with pytest.raises(InvalidInput, match=expected) as caught:
+        client().download_image(server.url("/x"))
+    assert caught.value.retryable is False
