@@ -189,3 +189,10 @@ def test_cli_import_pulls_in_no_torch_and_no_worker():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_mistyped_log_level_is_a_usage_error_naming_the_option(cli):
+    out = cli("--log-level", "debugg", "status", code=2)
+    assert "--log-level" in out and "'debugg' is not one of" in out
+    assert "Traceback" not in out
+    assert "Usage:" in cli("--log-level", "debug", "simulate", "--help")  # any case is accepted
