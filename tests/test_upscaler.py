@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -279,3 +280,57 @@ def test_tiled_out_of_memory_is_raised_for_the_handler(oom_above_tile: list) -> 
     )
     with pytest.raises(torch.OutOfMemoryError):
         upscaler.upscale(_noise_image(100, 76), 4)
+
+
+def test_a_pinned_url_whose_file_differs_is_refused_and_not_cached(
+    tmp_path: Path, scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from handlers.engines import weights
+
+    url = _serve_checkpoint(scripted, 4)
+    # The release's pin, moved to this URL: the served file is not the release file.
+    monkeypatch.setitem(weights.PINNED_SHA256, url, weights.PINNED_SHA256[REALESRGAN_X4PLUS_URL])
+    upscaler = create_upscaler(
+        model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=tmp_path
+    )
+    with pytest.raises(JobError, match="UPSCALER_WEIGHTS_X4: .* is not the pinned release file"):
+        upscaler.fetch()
+    assert list(tmp_path.iterdir()) == []  # nothing left under the final name, no partial file
+
+
+def test_a_cached_file_that_fails_its_pin_is_fetched_again(
+    tmp_path: Path, scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from handlers.engines import weights
+
+    url = _serve_checkpoint(scripted, 4)
+    body = scripted.bodies["/weights/tiny_x4.pth"]
+    monkeypatch.setitem(weights.PINNED_SHA256, url, hashlib.sha256(body).hexdigest())
+    cached = cache_path(url, tmp_path)
+    cached.write_bytes(body[: len(body) // 2])  # a truncated copy from an older, unchecked worker
+    create_upscaler(model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=tmp_path).fetch()
+    assert cached.read_bytes() == body and scripted.count("/weights/tiny_x4.pth") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "retryable"),
+    [("/status/404/x4.pth", "download_failed", False), ("/status/503/x4.pth", "download_failed", True)],
+)
+def test_weight_download_failures_follow_the_contracts_codes(
+    tmp_path: Path, scripted: ScriptedServer, path: str, code: str, retryable: bool
+) -> None:
+    upscaler = create_upscaler(
+        model="real", weights_x2=None, weights_x4=scripted.url + path, device="cpu", cache_dir=tmp_path
+    )
+    with pytest.raises(JobError) as info:
+        upscaler.ensure_loaded(4)
+    assert (info.value.code, info.value.retryable) == (code, retryable)
+    assert "UPSCALER_WEIGHTS_X4" in info.value.message
+
+
+def test_a_weight_download_that_stalls_is_a_timeout(tmp_path: Path, scripted: ScriptedServer) -> None:
+    from handlers.engines.weights import resolve_weights
+
+    with pytest.raises(JobError) as info:
+        resolve_weights(scripted.url + "/slow/3/x4.pth", cache_dir=tmp_path, timeout=0.5, setting="X")
+    assert (info.value.code, info.value.retryable) == ("timeout", True)
