@@ -39,6 +39,11 @@ def test_demo_runs_the_samples_and_saves_images(tmp_path):
     assert saved["photo-x4.png"].size == (512, 384)
     assert "demo-invalid" in proc.stdout and "invalid_input" in proc.stdout
     assert "X-Amz-Signature" not in proc.stdout + proc.stderr
+    # The job lines, the table and the results, nothing else: no moto access lines, no library
+    # warnings (torch's deprecation notes, diffusers' torchao import note), no progress bars.
+    assert proc.stderr == ""
+    for noise in ("HTTP/1.1", "Unable to import", "deprecated", "it/s]"):
+        assert noise not in proc.stdout
 
 
 def test_demo_uses_the_real_model_only_where_a_gpu_and_its_weights_are(tmp_path):
