@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +335,60 @@ def test_fetch_weights_fills_the_cache_once_as_the_image_build_does(tmp_path, we
         "RealESRGAN_x2plus.pth",
         "RealESRGAN_x4plus.pth",
     ]
+
+
+class _GatedHub:
+    """A loopback stand-in for huggingface.co (HF_ENDPOINT) that answers every request the way
+    the hub answers for a gated repository whose license the token's account has not accepted."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str | None] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _gated(self) -> None:
+                hub.authorizations.append(self.headers.get("Authorization"))
+                body = b'{"error": "Access to model black-forest-labs/FLUX.2-klein-4B is restricted."}'
+                self.send_response(403)
+                self.send_header("X-Error-Code", "GatedRepo")
+                self.send_header("X-Error-Message", "Access to model is restricted.")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = _gated
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_token_without_access_to_the_gated_weights_is_one_line_and_never_logged(
+    stack, tmp_path, klein_folder, weight_urls
+):
+    hub = _GatedHub()
+    token = "hf_" + "k" * 34
+    try:
+        env = production_env(
+            tmp_path, klein_folder, weight_urls, MODEL_PATH="", HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url
+        )
+        proc = spawn_worker(stack, **env, HF_TOKEN=token)
+        _, stderr = proc.communicate(timeout=BOOT_TIMEOUT_S)
+    finally:
+        hub.close()
+    assert proc.returncode == 3, stderr
+    assert f"Bearer {token}" in hub.authorizations  # the token was offered to the hub ...
+    assert token not in stderr  # ... and never written to the log
+    last = log_lines(stderr)[-1]
+    assert last["msg"].startswith("cannot start: ") and "black-forest-labs/FLUX.2-klein-4B" in last["msg"]
+    assert "check that HF_TOKEN belongs to an account that accepted the license" in last["msg"]
