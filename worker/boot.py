@@ -242,8 +242,9 @@ def weights_error(settings: Settings, variant: Variant, exc: Exception) -> str:
     detail = " ".join(str(exc).split())[:300] or type(exc).__name__
     if settings.model_path:
         return (
-            f"{variant.label}: the folder MODEL_PATH={settings.model_path} is incomplete or corrupt "
-            f"({detail}); download it again or point MODEL_PATH at a complete copy"
+            f"{variant.label}: the weights in MODEL_PATH={settings.model_path} could not be loaded "
+            f"({detail}); a partial or corrupt folder: download it again or point MODEL_PATH at a "
+            "complete copy"
         )
     hub_id = HUB_IDS.get(variant.model, variant.model)
     token = "check that HF_TOKEN belongs to" if settings.hf_token else "set HF_TOKEN to a token of"
