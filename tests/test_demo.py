@@ -59,3 +59,19 @@ def test_demo_uses_the_real_model_only_where_a_gpu_and_its_weights_are(tmp_path)
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "model_index.json").write_text("{}")
     assert default_model(gpu_found=True, model_path=None, hub_cache=str(tmp_path)) == "auto"
+
+
+def test_an_invalid_setting_stops_the_demo_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "QUEUE_", "MODEL"))}
+    env.update(PYTHONPATH=str(ROOT), MODEL="klein-5b")
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "outputs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3
+    (line,) = proc.stderr.splitlines()
+    assert "cannot start: MODEL=klein-5b: Input should be" in line and "Traceback" not in proc.stdout

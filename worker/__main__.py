@@ -55,14 +55,16 @@ def fetch_weights() -> None:
         _cannot_start(str(exc))
 
 
-def _settings(**overrides: Any) -> Settings:
-    """Settings from the environment; a bad value is one line naming the variable, exit 3."""
+def _settings(*, configure: bool = True, **overrides: Any) -> Settings:
+    """Settings from the environment; a bad value is one line naming the variable, exit 3.
+    ``configure``: set up logging from them (the demo does it once its own defaults apply)."""
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         configure_logging(level="INFO", fmt="json")
         _cannot_start(settings_error(exc))
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    if configure:
+        configure_logging(level=settings.log_level, fmt=settings.log_format)
     return settings
 
 
@@ -96,7 +98,7 @@ def demo(
     try:
         # The worker's boto3 client takes the stack's endpoint and credentials from the environment.
         os.environ.update(stack.env())
-        settings = Settings(wait_time_seconds=1)
+        settings = _settings(configure=False, wait_time_seconds=1)
         # The demo's own defaults; anything set explicitly still wins (e.g. MODEL on a GPU box).
         defaults: dict[str, Any] = {"log_format": "text", "log_level": "WARNING"}
         if "model" not in settings.model_fields_set:
