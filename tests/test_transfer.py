@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import boto3
@@ -636,3 +637,59 @@ def test_other_image_formats_are_not_decoded(server: ScriptedServer, fmt: str) -
     with pytest.raises(InvalidInput, match=expected) as caught:
         client().download_image(server.url("/x"))
     assert caught.value.retryable is False
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for ``name`` (and its key), which the test then trusts as its own CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def test_https_to_the_pinned_address_keeps_sni_and_the_certificate_check(
+    server: ScriptedServer, dns: dict[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    server.sequence("/x.png", Reply(200, png_bytes(), {"Content-Type": "image/png"}))
+    cert_file, key_file = _self_signed(tmp_path, "cdn.rebind.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_file))  # trust this certificate only
+    dns["cdn.rebind.test"] = ["127.0.0.1", "127.0.0.1", "10.9.9.9"]
+    guarded = client(allow_private_urls=False, allowed_networks=["127.0.0.1/32"], attempts=1)
+    # Connected to 127.0.0.1, yet the certificate is checked against the URL's name (it matches).
+    assert guarded.download_image(f"https://cdn.rebind.test:{server.port}/x.png").size == (8, 6)
+    assert server.seen[0].headers["Host"] == f"cdn.rebind.test:{server.port}"
+    # The same server under another name that resolves to the same address: the name check fails.
+    dns["other.rebind.test"] = ["127.0.0.1"]
+    with pytest.raises(DownloadFailed):
+        guarded.download_image(f"https://other.rebind.test:{server.port}/x.png")

@@ -210,15 +210,13 @@ class PinnedAddressAdapter(HTTPAdapter):
         self, request: Any, verify: Any, cert: Any = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        host = host_params["host"]
-        address = self._guard.pinned_address(host, host_params["port"] or _default_port(request.url))
+        host, port, scheme = host_params["host"], host_params["port"], host_params["scheme"]
+        default_port = 443 if scheme == "https" else 80
+        address = self._guard.pinned_address(host, port or default_port)
         if address is not None and _literal_address(host) is None:
             host_params["host"] = str(address)
-            request.headers.setdefault("Host", urlsplit(request.url).netloc.rpartition("@")[2])
-            if host_params["scheme"] == "https":
+            # What http.client would have sent for the name (a presigned URL signs this header).
+            request.headers["Host"] = host if port in (None, default_port) else f"{host}:{port}"
+            if scheme == "https":
                 pool_kwargs.update(server_hostname=host, assert_hostname=host)
         return host_params, pool_kwargs
-
-
-def _default_port(url: str) -> int:
-    return 443 if url.lower().startswith("https:") else 80
