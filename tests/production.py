@@ -19,6 +19,8 @@ from handlers.engines.tiny import build_tiny_pipeline
 from handlers.engines.upscaler import random_realesrgan
 from tests.scripted_http import ScriptedServer
 
+# A worker process imports torch and diffusers and loads the folder before it can answer.
+BOOT_TIMEOUT_S = 300
 # Two RRDB blocks: more than MODEL=tiny's one, so the file is not the tiny network in disguise.
 CHECKPOINT_FILTERS = 8
 CHECKPOINT_BLOCKS = 2
@@ -89,3 +91,21 @@ def log_lines(stderr: str) -> list[dict[str, Any]]:
     """The worker's JSON log lines; anything else on stderr (a traceback, a progress bar, a
     library's print) fails the parse, which is the point."""
     return [json.loads(line) for line in stderr.splitlines() if line.strip()]
+
+
+def production_env(
+    tmp_path: Path, klein_folder: Path, weight_urls: dict[int, str], **env: Any
+) -> dict[str, Any]:
+    """What an operator sets for a real model, device chosen by the worker (no GPU here: CPU)."""
+    return {
+        "MODEL": "klein-4b",
+        "MODEL_PATH": str(klein_folder),
+        "DEVICE": "",
+        "UPSCALER_WEIGHTS_X2": weight_urls[2],
+        "UPSCALER_WEIGHTS_X4": weight_urls[4],
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "ALLOW_PRIVATE_URLS": "true",
+        "RETRY_BACKOFF_SECONDS": "0",
+        **env,
+    }
