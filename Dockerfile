@@ -5,6 +5,7 @@
 #   docker build -t klein-worker .
 #   docker build --build-arg CUDA_FLAVOUR=cu130 -t klein-worker:cu130 .   (the default is cu128)
 #   docker build --build-arg BAKE_MODEL=black-forest-labs/FLUX.2-klein-4B \
+#                --build-arg BAKE_UPSCALER_WEIGHTS=true \
 #                --secret id=hf_token,env=HF_TOKEN -t klein-worker:baked .
 #
 # Stages, ordered so that a code change rebuilds only the last small layers:
@@ -124,6 +125,7 @@ COPY --chown=${WORKER_UID}:${WORKER_UID} scripts /app/scripts
 ENV HF_HOME=/models/hf \
     TORCHINDUCTOR_CACHE_DIR=/models/torchinductor \
     TRITON_CACHE_DIR=/models/triton \
+    HF_HUB_DISABLE_PROGRESS_BARS=1 \
     METRICS_PORT=9100 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
@@ -137,6 +139,10 @@ LABEL io.klein-worker.cuda-flavour="${CUDA_FLAVOUR}" \
 
 USER ${WORKER_UID}
 WORKDIR /app
+# Optional: the upscaler checkpoints (UPSCALER_WEIGHTS_X2/_X4, by default the official Real-ESRGAN
+# files, sha256-checked; ~130 MB) into HF_HOME, so no worker fetches them from GitHub at boot.
+ARG BAKE_UPSCALER_WEIGHTS=false
+RUN if [ "$BAKE_UPSCALER_WEIGHTS" = "true" ]; then python -m worker fetch-weights; fi
 EXPOSE 9100
 # The start period covers a first-boot weight download and preload; after that a worker that stops
 # answering /healthz marks the container unhealthy. With METRICS_PORT set empty the check passes.

@@ -20,6 +20,10 @@ PNG_COMPRESS_LEVEL = 1
 # WebP method 2 (of 0..6): about half the time of Pillow's default 4 at the same size, quality 90.
 WEBP_METHOD = 2
 DEFAULT_QUALITY = 90
+# Input images are decoded only as the formats the contract speaks (its output formats): every
+# other Pillow plugin (dozens, some rarely exercised: PSD, EPS via Ghostscript, TGA, ...) is
+# untrusted-input attack surface that no job needs.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def encode_image(
@@ -40,7 +44,7 @@ def encode_image(
 
 
 def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image.Image:
-    """Decode untrusted bytes into an RGB image.
+    """Decode untrusted bytes (PNG, JPEG or WebP) into an RGB image.
 
     The pixel count is checked from the header before any pixel is decoded, so a
     decompression bomb (a tiny file declaring a huge canvas) costs nothing.
@@ -48,7 +52,7 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            probe = Image.open(io.BytesIO(data))
+            probe = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
             width, height = probe.size
             if width * height > max_pixels:
                 raise InvalidInput(
@@ -62,5 +66,7 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image
         raise InvalidInput(f"{field}: image rejected as a decompression bomb ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         # Pillow signals "not an image / truncated" with these (UnidentifiedImageError is an OSError).
-        raise InvalidInput(f"{field}: content is not a decodable image ({type(exc).__name__})") from exc
+        raise InvalidInput(
+            f"{field}: content is not a decodable PNG, JPEG or WebP image ({type(exc).__name__})"
+        ) from exc
     return probe.convert("RGB")

@@ -7,6 +7,7 @@ anything takes ``--dry-run``, which prints the actions and changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 import json
@@ -60,6 +61,13 @@ _FLEET_OPTIONS: dict[str, Any] = {
         bool | None, typer.Option("--interruptible/--on-demand", help="Bid for interruptible instances.")
     ],
 }
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
 
 @dataclass
@@ -120,13 +128,15 @@ def _fail(console: Console, message: str, *, code: int = 1) -> NoReturn:
 def main(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO (one line per action), WARNING.")] = "WARNING",
+    # A choice, so a typo is a usage error naming the option, not a ValueError traceback.
+    log_level: Annotated[
+        LogLevel, typer.Option(help="DEBUG, INFO (one line per action), WARNING.", case_sensitive=False)
+    ] = LogLevel.WARNING,
 ) -> None:
+    level = log_level.value
     # force: the CLI owns the process's logging, whatever a host process configured before.
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    if log_level.upper() != "DEBUG":
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if level != "DEBUG":
         # boto3/botocore chat at INFO (credential lookups); only the fleet's own actions are worth a line.
         for noisy in ("botocore", "boto3", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, **stack.env(), "MODEL": model, "LOG_FORMAT": "json", "WAIT_TIME_SECONDS": "1"}
         if model_path:
             env["MODEL_PATH"] = model_path
-        if args.save_tiny and "DEVICE" not in env:
-            env["DEVICE"] = "cpu"
+        if args.save_tiny:
+            env.setdefault("DEVICE", "cpu")
+            # The tiny folder is the offline CPU check of the loading path: no Real-ESRGAN download.
+            env.setdefault("UPSCALER_WEIGHTS_X2", "")
+            env.setdefault("UPSCALER_WEIGHTS_X4", "")
         env.update(item.split("=", 1) for item in args.env)
         runs = [one_run(stack, env, args.size, index, args.timeout) for index in range(args.runs)]
     finally:

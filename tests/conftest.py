@@ -156,3 +156,29 @@ def s3_image(stack: LocalStack, key: str) -> tuple[Image.Image, str, bytes]:
     obj = stack.client("s3").get_object(Bucket=stack.bucket, Key=key)
     data = obj["Body"].read()
     return Image.open(io.BytesIO(data)), obj["ContentType"], data
+
+
+# -- the deployed path on a CPU (tests/production.py) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def klein_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline written with save_pretrained: what MODEL_PATH points at in production."""
+    from tests.production import write_klein_folder  # torch: only for the tests that use it
+
+    return write_klein_folder(tmp_path_factory.mktemp("weights") / "FLUX.2-klein-4B")
+
+
+@pytest.fixture(scope="session")
+def weights_host() -> Iterator[ScriptedServer]:
+    server = ScriptedServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def weight_urls(weights_host: ScriptedServer) -> dict[int, str]:
+    """Real-ESRGAN-layout x2/x4 checkpoints over loopback HTTP, as UPSCALER_WEIGHTS_X2/_X4 URLs."""
+    from tests.production import serve_checkpoints
+
+    return serve_checkpoints(weights_host)

@@ -155,3 +155,26 @@ def test_committed_h100_profiles_drive_the_worker(name, expected):
     limits = limits_for(s)
     assert limits.max_references == profile.limits.max_references_default == 16
     assert limits.max_batch == min(Settings().max_batch, profile.limits.max_batch)
+
+
+def test_aws_region_comes_from_the_queue_url_when_unset(monkeypatch):
+    from worker.config import Settings
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    aws = Settings(queue_url="https://sqs.eu-west-1.amazonaws.com/123456789012/jobs")
+    assert aws.aws_region == "eu-west-1"
+    assert Settings(queue_url="http://127.0.0.1:9324/000000000000/jobs").aws_region == "us-east-1"
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")  # an explicit region always wins
+    assert Settings(queue_url="https://sqs.eu-west-1.amazonaws.com/1/jobs").aws_region == "ap-south-1"
+
+
+def test_upscaler_defaults_are_the_pinned_official_files_and_empty_disables_a_scale(monkeypatch):
+    from handlers.engines.weights import PINNED_SHA256
+    from worker.config import Settings
+
+    defaults = Settings()
+    assert defaults.upscaler_weights_x2 in PINNED_SHA256 and defaults.upscaler_weights_x4 in PINNED_SHA256
+    assert defaults.upscaler_weights_x2.endswith("/v0.2.1/RealESRGAN_x2plus.pth")
+    monkeypatch.setenv("UPSCALER_WEIGHTS_X2", "")
+    assert Settings().upscaler_weights_x2 is None

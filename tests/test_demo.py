@@ -48,6 +48,11 @@ def test_demo_runs_the_samples_and_saves_images(tmp_path):
     assert saved["urgent-x2.png"].size == (256, 192)
     assert '"queue": "http' in proc.stdout and "klein-jobs-high" in proc.stdout
     assert "X-Amz-Signature" not in proc.stdout + proc.stderr
+    # The job lines, the table and the results, nothing else: no moto access lines, no library
+    # warnings (torch's deprecation notes, diffusers' torchao import note), no progress bars.
+    assert proc.stderr == ""
+    for noise in ("HTTP/1.1", "Unable to import", "deprecated", "it/s]"):
+        assert noise not in proc.stdout
 
 
 def test_demo_uses_the_real_model_only_where_a_gpu_and_its_weights_are(tmp_path):
@@ -63,3 +68,19 @@ def test_demo_uses_the_real_model_only_where_a_gpu_and_its_weights_are(tmp_path)
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "model_index.json").write_text("{}")
     assert default_model(gpu_found=True, model_path=None, hub_cache=str(tmp_path)) == "auto"
+
+
+def test_an_invalid_setting_stops_the_demo_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "QUEUE_", "MODEL"))}
+    env.update(PYTHONPATH=str(ROOT), MODEL="klein-5b")
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "outputs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3
+    (line,) = proc.stderr.splitlines()
+    assert "cannot start: MODEL=klein-5b: Input should be" in line and "Traceback" not in proc.stdout

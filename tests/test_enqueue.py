@@ -63,3 +63,20 @@ def test_enqueue_presigns_s3_urls_and_the_job_runs(stack, engines, tmp_path):
     assert by_id["enq-up"]["status"] == "succeeded" and by_id["enq-gen"]["status"] == "succeeded"
     assert s3_image(stack, "enq/out.png")[0].size == (80, 60)
     assert s3_image(stack, "enq/gen.png")[0].size == (256, 256)
+
+
+def test_a_missing_or_broken_job_file_is_one_clear_error(stack, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for path, expected in ((tmp_path / "missing.json", "does not exist"), (broken, "not a readable JSON")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker", "enqueue", str(path)],
+            cwd=ROOT,
+            env={**os.environ, **stack.env(), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr

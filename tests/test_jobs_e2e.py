@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import time
+
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import queue_counts, results, run_worker, s3_image, send
 from tests.scripted_http import png_bytes
@@ -262,9 +264,17 @@ def test_webhook_receives_signed_result(stack, engines, scripted):
     (post,) = [r for r in scripted.requests if r[0] == "POST"]
     _, path, headers, body = post
     assert path == "/hook"
-    expected = "sha256=" + hmac.new(b"topsecret", body, hashlib.sha256).hexdigest()
-    assert headers["X-Signature"] == expected
-    payload = json.loads(body)
+    # What a receiver runs: the Standard Webhooks verifier, with the same secret.
+    receiver = Webhook(b"topsecret")
+    payload = receiver.verify(body, headers)
+    assert headers["webhook-id"].startswith("msg_")
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    # A tampered body, or the same delivery replayed later, is refused.
+    with pytest.raises(WebhookVerificationError):
+        receiver.verify(body.replace(b"succeeded", b"failed"), headers)
+    stale = {**headers, "webhook-timestamp": str(int(headers["webhook-timestamp"]) - 3600)}
+    with pytest.raises(WebhookVerificationError):
+        receiver.verify(body, stale)
     assert payload["id"] == "hooked" and payload["status"] == "succeeded"
     assert results(stack, expected=1)[0]["id"] == "hooked"  # the result queue got it too
 
@@ -320,3 +330,17 @@ def test_a_dead_webhook_does_not_rerun_a_finished_job(stack, engines, scripted):
     assert result["status"] == "succeeded" and result["attempt"] == 1  # the result queue still has it
     assert s3_image(stack, "dh/out.png")[0].size == (128, 128)
     assert queue_counts(stack) == (0, 0)
+
+
+def test_a_whsec_secret_is_used_as_standard_webhooks_defines_it():
+    import base64
+    from datetime import UTC, datetime
+
+    from worker.results import signature_headers
+
+    secret = "whsec_" + base64.b64encode(b"sixteen-byte-key").decode()
+    body = b'{"id": "a", "status": "succeeded"}'
+    headers = signature_headers(body, secret, msg_id="msg_1", at=datetime.now(UTC))
+    assert Webhook(secret).verify(body, headers) == {"id": "a", "status": "succeeded"}
+    with pytest.raises(WebhookVerificationError):  # the literal text is not the key
+        Webhook(secret.encode()).verify(body, headers)

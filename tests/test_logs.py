@@ -49,3 +49,21 @@ def test_presigned_signatures_and_tokens_never_reach_the_log(stream):
     entries = [json.loads(line) for line in text.splitlines()]
     assert "https://bucket.s3.amazonaws.com/out.png?<redacted>" in entries[0]["msg"]
     assert "RuntimeError" in entries[1]["exc"]
+
+
+def test_a_job_whose_result_cannot_be_published_keeps_its_id_on_the_log_line(stream, stack, engines):
+    from tests.conftest import run_worker, send
+
+    send(
+        stack, {"id": "unpublished", "type": "upscale", "input": {"image_url": "ftp://x", "upload_url": "x"}}
+    )
+    gone = stack.result_queue_url.rsplit("/", 1)[0] + "/no-such-result-queue"
+
+    run_worker(stack, engines, result_queue_url=gone, max_attempts=1)
+
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    settled = [e for e in entries if e["msg"] in ("job retry", "job unsettled")]
+    assert settled  # burst mode keeps polling while the message comes back
+    for entry in settled:
+        assert entry["id"] == "unpublished" and entry["type"] == "upscale"
+        assert entry["error_code"] == "invalid_input"  # what the job ended in, though not published

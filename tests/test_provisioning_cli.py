@@ -251,3 +251,10 @@ def test_autoscale_stops_into_the_cold_pool_resumes_it_and_status_shows_it(cli, 
     assert fake.rent_bodies == []  # resumed, not rented
     state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
     assert str(cold) in state["resumed"] and state["cold_since"] == {}
+
+
+def test_a_mistyped_log_level_is_a_usage_error_naming_the_option(cli):
+    out = cli("--log-level", "debugg", "status", code=2)
+    assert "--log-level" in out and "'debugg' is not one of" in out
+    assert "Traceback" not in out
+    assert "Usage:" in cli("--log-level", "debug", "simulate", "--help")  # any case is accepted

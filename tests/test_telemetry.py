@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +53,7 @@ def test_healthz_ready_and_metrics_count_jobs(stack):
             "model_loaded": True,
             "queue_reachable": True,
             "last_poll_age_s": json.loads(body)["last_poll_age_s"],
+            "receive_failures": 0,
         }
         stack.client("s3").put_object(Bucket=stack.bucket, Key="m/in.png", Body=_png())
         send(
@@ -154,6 +157,74 @@ def test_healthz_is_503_while_the_queue_is_unreachable(stack):
     assert [entry["msg"].split(" (")[1].split(" ")[0] for entry in failures[:2]] == ["1", "2"]
     assert "Could not connect" in failures[1]["msg"]  # each retry names the cause in one line
     assert ["exc" in entry for entry in failures] == [True] + [False] * (len(failures) - 1)
+
+
+class _Cable:
+    """A loopback TCP forwarder to the moto server that can be unplugged and plugged back in on
+    the same port: a queue outage as the worker sees it (connections refused, then answered)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.split("://", 1)[1].split(":")
+        self.target = (host, int(port))
+        self.port = _free_port()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def plug(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def unplug(self) -> None:
+        for sock in [self._listener, *self._sockets]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self._listener, self._sockets = None, []
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_healthz_turns_503_on_the_first_failed_receive_of_an_outage_and_back(stack):
+    port = _free_port()
+    cable = _Cable(stack.endpoint)
+    cable.plug()
+    proc = spawn_worker(stack, METRICS_PORT=port, AWS_ENDPOINT_URL=f"http://127.0.0.1:{cable.port}")
+    healthz = f"http://127.0.0.1:{port}/healthz"
+    try:
+        _wait_for(healthz, lambda s, b: s == 200)
+        cable.unplug()
+        # Well inside the 90 s "last success" window: the failed receive itself is what counts.
+        _, body = _wait_for(healthz, lambda s, b: s == 503, timeout=60)
+        detail = json.loads(body)
+        assert detail["queue_reachable"] is False and detail["receive_failures"] >= 1
+        assert detail["last_poll_age_s"] < 90
+        cable.plug()
+        _, body = _wait_for(healthz, lambda s, b: s == 200, timeout=90)
+        assert json.loads(body)["receive_failures"] == 0
+    finally:
+        cable.unplug()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
 
 
 def _png() -> bytes:

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import boto3
@@ -571,3 +572,124 @@ def test_post_json_4xx_is_permanent(server: ScriptedServer) -> None:
         client().post_json(server.url("/hook"), b"{}", {})
     assert caught.value.retryable is False
     assert len(server.seen) == 1
+
+
+# -- DNS rebinding ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """A DNS server under the test's control for ``*.rebind.test`` names: each lookup pops the
+    next answer (the last one repeats), like a rebinding server with TTL 0. Other names resolve
+    as usual."""
+    answers: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list:
+        if isinstance(host, str) and host in answers:
+            queue = answers[host]
+            address = queue.pop(0) if len(queue) > 1 else queue[0]
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_connected_to(
+    server: ScriptedServer, dns: dict[str, list[str]]
+) -> None:
+    server.sequence("/x.png", Reply(200, png_bytes(), {"Content-Type": "image/png"}))
+    dns["evil.rebind.test"] = ["8.8.8.8", "127.0.0.1"]  # public for the check, loopback after
+    guarded = client(allow_private_urls=False, attempts=1)
+    with pytest.raises(InvalidInput, match="non-public address 127.0.0.1"):
+        guarded.download_image(f"http://evil.rebind.test:{server.port}/x.png")
+    assert server.seen == []  # the loopback server was never reached
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_host_name_kept(
+    server: ScriptedServer, dns: dict[str, list[str]]
+) -> None:
+    server.sequence("/x.png", Reply(200, png_bytes(), {"Content-Type": "image/png"}))
+    # Checked twice (early check, then at connect), then a different answer nobody may use.
+    dns["cdn.rebind.test"] = ["127.0.0.1", "127.0.0.1", "10.9.9.9"]
+    guarded = client(allow_private_urls=False, allowed_networks=["127.0.0.1/32"], attempts=1)
+    assert guarded.download_image(f"http://cdn.rebind.test:{server.port}/x.png").size == (8, 6)
+    (seen,) = server.seen
+    assert seen.headers["Host"] == f"cdn.rebind.test:{server.port}"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_the_contracts_formats_decode(fmt: str) -> None:
+    from handlers.imaging import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), (10, 200, 30)).save(buf, format=fmt)
+    assert decode_image(buf.getvalue(), max_pixels=1000).size == (12, 10)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "TGA", "PPM", "ICO"])
+def test_other_image_formats_are_not_decoded(server: ScriptedServer, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format=fmt)
+    server.sequence("/x", Reply(200, buf.getvalue(), {"Content-Type": "image/png"}))
+    expected = r"^images: content is not a decodable PNG, JPEG or WebP image"
+    with pytest.raises(InvalidInput, match=expected) as caught:
+        client().download_image(server.url("/x"))
+    assert caught.value.retryable is False
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for ``name`` (and its key), which the test then trusts as its own CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def test_https_to_the_pinned_address_keeps_sni_and_the_certificate_check(
+    server: ScriptedServer, dns: dict[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    server.sequence("/x.png", Reply(200, png_bytes(), {"Content-Type": "image/png"}))
+    cert_file, key_file = _self_signed(tmp_path, "cdn.rebind.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_file))  # trust this certificate only
+    dns["cdn.rebind.test"] = ["127.0.0.1", "127.0.0.1", "10.9.9.9"]
+    guarded = client(allow_private_urls=False, allowed_networks=["127.0.0.1/32"], attempts=1)
+    # Connected to 127.0.0.1, yet the certificate is checked against the URL's name (it matches).
+    assert guarded.download_image(f"https://cdn.rebind.test:{server.port}/x.png").size == (8, 6)
+    assert server.seen[0].headers["Host"] == f"cdn.rebind.test:{server.port}"
+    # The same server under another name that resolves to the same address: the name check fails.
+    dns["other.rebind.test"] = ["127.0.0.1"]
+    with pytest.raises(DownloadFailed):
+        guarded.download_image(f"https://other.rebind.test:{server.port}/x.png")

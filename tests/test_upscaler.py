@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -14,15 +15,13 @@ from spandrel.architectures.ESRGAN import ESRGAN
 
 from handlers.engines.tiling import _spans
 from handlers.engines.upscaler import (
-    REALESRGAN_X2PLUS_URL,
-    REALESRGAN_X4PLUS_URL,
     UNTILED_BYTES_PER_OUTPUT_PIXEL,
     Upscaler,
     create_upscaler,
     tiny_state_dict,
 )
-from handlers.engines.weights import cache_path
-from handlers.errors import JobError
+from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL, cache_path
+from handlers.errors import InvalidInput, JobError
 from tests.scripted_http import ScriptedServer
 
 
@@ -73,7 +72,7 @@ def test_load_is_timed_once_and_release_unloads() -> None:
 
 
 def test_unknown_scale_is_an_error(tiny: Upscaler) -> None:
-    with pytest.raises(ValueError, match="x3"):
+    with pytest.raises(InvalidInput, match="x3"):
         tiny.ensure_loaded(3)
 
 
@@ -127,12 +126,12 @@ def test_checkpoint_of_the_wrong_scale_is_refused(tmp_path: Path) -> None:
     upscaler = create_upscaler(model="real", weights_x2=str(x4), weights_x4=None, device="cpu")
     with pytest.raises(ValueError, match="x2 hold a x4"):
         upscaler.ensure_loaded(2)
-    with pytest.raises(ValueError, match="no upscaler weights for x4"):
+    with pytest.raises(InvalidInput, match="x4 is not available .*UPSCALER_WEIGHTS_X4 is unset"):
         upscaler.ensure_loaded(4)
 
 
 def test_missing_weights_file_fails_at_creation(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match="UPSCALER_WEIGHTS_X4: .*missing.pth"):
         create_upscaler(model="real", weights_x2=None, weights_x4=str(tmp_path / "missing.pth"))
 
 
@@ -281,3 +280,57 @@ def test_tiled_out_of_memory_is_raised_for_the_handler(oom_above_tile: list) -> 
     )
     with pytest.raises(torch.OutOfMemoryError):
         upscaler.upscale(_noise_image(100, 76), 4)
+
+
+def test_a_pinned_url_whose_file_differs_is_refused_and_not_cached(
+    tmp_path: Path, scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from handlers.engines import weights
+
+    url = _serve_checkpoint(scripted, 4)
+    # The release's pin, moved to this URL: the served file is not the release file.
+    monkeypatch.setitem(weights.PINNED_SHA256, url, weights.PINNED_SHA256[REALESRGAN_X4PLUS_URL])
+    upscaler = create_upscaler(
+        model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=tmp_path
+    )
+    with pytest.raises(JobError, match="UPSCALER_WEIGHTS_X4: .* is not the pinned release file"):
+        upscaler.fetch()
+    assert list(tmp_path.iterdir()) == []  # nothing left under the final name, no partial file
+
+
+def test_a_cached_file_that_fails_its_pin_is_fetched_again(
+    tmp_path: Path, scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from handlers.engines import weights
+
+    url = _serve_checkpoint(scripted, 4)
+    body = scripted.bodies["/weights/tiny_x4.pth"]
+    monkeypatch.setitem(weights.PINNED_SHA256, url, hashlib.sha256(body).hexdigest())
+    cached = cache_path(url, tmp_path)
+    cached.write_bytes(body[: len(body) // 2])  # a truncated copy from an older, unchecked worker
+    create_upscaler(model="real", weights_x2=None, weights_x4=url, device="cpu", cache_dir=tmp_path).fetch()
+    assert cached.read_bytes() == body and scripted.count("/weights/tiny_x4.pth") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "retryable"),
+    [("/status/404/x4.pth", "download_failed", False), ("/status/503/x4.pth", "download_failed", True)],
+)
+def test_weight_download_failures_follow_the_contracts_codes(
+    tmp_path: Path, scripted: ScriptedServer, path: str, code: str, retryable: bool
+) -> None:
+    upscaler = create_upscaler(
+        model="real", weights_x2=None, weights_x4=scripted.url + path, device="cpu", cache_dir=tmp_path
+    )
+    with pytest.raises(JobError) as info:
+        upscaler.ensure_loaded(4)
+    assert (info.value.code, info.value.retryable) == (code, retryable)
+    assert "UPSCALER_WEIGHTS_X4" in info.value.message
+
+
+def test_a_weight_download_that_stalls_is_a_timeout(tmp_path: Path, scripted: ScriptedServer) -> None:
+    from handlers.engines.weights import resolve_weights
+
+    with pytest.raises(JobError) as info:
+        resolve_weights(scripted.url + "/slow/3/x4.pth", cache_dir=tmp_path, timeout=0.5, setting="X")
+    assert (info.value.code, info.value.retryable) == ("timeout", True)

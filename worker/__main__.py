@@ -6,9 +6,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -32,14 +33,55 @@ def run() -> None:
     from worker.app import serve
     from worker.boot import BootError
 
-    settings = Settings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    settings = _settings()
     try:
         serve(settings)
     except BootError as exc:
         # A card that fits nothing, no GPU, a bad profile: one clear line, not a traceback.
-        logging.getLogger("worker").error("cannot start: %s", exc)
-        raise typer.Exit(code=3) from None
+        _cannot_start(str(exc))
+
+
+@app.command("fetch-weights")
+def fetch_weights() -> None:
+    """Download the upscaler checkpoints (UPSCALER_WEIGHTS_X2/_X4) into the cache and exit.
+
+    The Dockerfile runs it with BAKE_UPSCALER_WEIGHTS=true, so the image starts with them."""
+    from worker.boot import BootError, Variant, fetch_upscaler_weights, upscaler_for
+
+    settings = _settings()
+    try:
+        fetch_upscaler_weights(upscaler_for(settings, Variant("klein-4b", "none", "cpu", "fetch-weights")))
+    except BootError as exc:
+        _cannot_start(str(exc))
+
+
+def _settings(*, configure: bool = True, **overrides: Any) -> Settings:
+    """Settings from the environment; a bad value is one line naming the variable, exit 3.
+    ``configure``: set up logging from them (the demo does it once its own defaults apply)."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        configure_logging(level="INFO", fmt="json")
+        _cannot_start(settings_error(exc))
+    if configure:
+        configure_logging(level=settings.log_level, fmt=settings.log_format)
+    return settings
+
+
+def settings_error(exc: ValidationError) -> str:
+    """``MODEL=klein-5b: Input should be 'auto', ...`` for each bad variable, on one line."""
+    parts = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+        value = error.get("input")
+        shown = f"{name}={value}" if isinstance(value, str | int | float) else name
+        parts.append(f"{shown}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _cannot_start(message: str) -> NoReturn:
+    logging.getLogger("worker").error("cannot start: %s", message)
+    raise typer.Exit(code=3)
 
 
 @app.command()
@@ -58,7 +100,7 @@ def demo(
         # the stack's queues replace any the shell names (QUEUE_URL and QUEUE_URLS together are an error).
         os.environ.pop("QUEUE_URL", None)
         os.environ.update(stack.env())
-        settings = Settings(wait_time_seconds=1)
+        settings = _settings(configure=False, wait_time_seconds=1)
         # The demo's own defaults; anything set explicitly still wins (e.g. MODEL on a GPU box).
         defaults: dict[str, Any] = {"log_format": "text", "log_level": "WARNING"}
         if "model" not in settings.model_fields_set:
@@ -94,16 +136,21 @@ def demo(
 
 @app.command()
 def enqueue(
-    file: Annotated[Path, typer.Argument(help="Job JSON (one object or a list).")],
+    file: Annotated[
+        Path, typer.Argument(help="Job JSON (one object or a list).", exists=True, dir_okay=False)
+    ],
     presign: Annotated[bool, typer.Option(help="Turn s3://bucket/key URLs into presigned URLs.")] = False,
     expires: Annotated[int, typer.Option(help="Presigned URL lifetime, seconds.")] = 3600,
 ) -> None:
     """Push job(s) onto QUEUE_URL."""
     from worker.enqueue import enqueue_jobs
 
-    settings = Settings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
-    data = json.loads(file.read_text())
+    settings = _settings()
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        console.print(f"[red]{file}: not a readable JSON file ({exc})[/red]")
+        raise typer.Exit(code=2) from None
     jobs = data if isinstance(data, list) else [data]
     for job_id, message_id in enqueue_jobs(settings, jobs, presign=presign, expires=expires):
         console.print(f"enqueued {job_id} as message {message_id}")

@@ -137,6 +137,7 @@ def serve(settings: Settings) -> Runner:
     runner = build_runner(settings, engines=engines, **hooks)
     if telemetry is not None:
         telemetry.last_poll_ok = lambda: runner.last_poll_ok
+        telemetry.poll_failures = lambda: runner.poll_failures
     stopper.attach(runner)
     runner.run()
     log.info("worker stopped after %d job(s)", runner.processed)

@@ -10,11 +10,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError
 
 from handlers.dispatch import Engines
 from worker.config import Quantization, Settings
 from worker.gpu import GIB, GpuInfo
 from worker.profile import BenchmarkProfile, ProfileError, load_profile
+
+if TYPE_CHECKING:
+    from handlers.engines.upscaler import Upscaler
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,12 @@ NEEDS_GIB: dict[tuple[str, str], float] = {
 
 class BootError(RuntimeError):
     """The worker cannot serve on this machine; the message says why and what would."""
+
+
+# What diffusers/huggingface_hub/safetensors raise for weights that are missing, partial, corrupt,
+# gated or unreachable: OSError covers the hub's HTTP and offline errors, ValueError and
+# safetensors' own error a folder whose files do not match its configs.
+WEIGHT_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SafetensorError)
 
 
 def choose_variant(
@@ -132,7 +144,6 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     loads on demand."""
     from handlers.engines.klein import KleinEngine, create_klein_engine
     from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
-    from handlers.engines.upscaler import create_upscaler
     from handlers.lora_files import LoraFiles
 
     started = time.perf_counter()
@@ -141,30 +152,28 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
 
     def load_klein() -> KleinEngine:
         loading = time.perf_counter()
-        engine = create_klein_engine(
-            model=variant.model,
-            model_path=settings.model_path,
-            quantization=variant.quantization,
-            device=variant.device,
-            hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-            cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
-            compile=compile_,
-            nunchaku_transformer=settings.nunchaku_transformer_path,
-            max_loras=settings.max_loras,
-            lora_max_rank=settings.lora_max_rank,
-        )
+        library_output_to_logs()
+        try:
+            engine = create_klein_engine(
+                model=variant.model,
+                model_path=settings.model_path,
+                quantization=variant.quantization,
+                device=variant.device,
+                hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+                cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
+                compile=compile_,
+                nunchaku_transformer=settings.nunchaku_transformer_path,
+                max_loras=settings.max_loras,
+                lora_max_rank=settings.lora_max_rank,
+            )
+        except WEIGHT_LOAD_ERRORS as exc:
+            raise BootError(weights_error(settings, variant, exc)) from exc
         engine.warm_up()
         log.info("%s loaded in %.1f s", engine.name, time.perf_counter() - loading)
         return engine
 
-    upscaler = create_upscaler(
-        model="tiny" if variant.model == "tiny" else "real",
-        weights_x2=settings.upscaler_weights_x2,
-        weights_x4=settings.upscaler_weights_x4,
-        device=variant.device,
-        cache_dir=hf_home / "klein-worker" / "upscalers",
-        keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
-    )
+    check_model_path(settings)
+    upscaler = upscaler_for(settings, variant)
     lora_files = None
     if settings.max_loras:
         lora_files = LoraFiles(
@@ -177,6 +186,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             engines = Engines(
                 klein=load_klein(), upscaler=upscaler, label=variant.label, lora_files=lora_files
             )
+            fetch_upscaler_weights(upscaler)
         else:
             # Loading waits for the first generate job; a missing backend is still a boot error.
             check_quantization(
@@ -211,3 +221,81 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         },
     )
     return engines
+
+
+def library_output_to_logs() -> None:
+    """Nothing between the worker's log lines: no download or loading bars (huggingface_hub also
+    honours HF_HUB_DISABLE_PROGRESS_BARS, set in the image; diffusers and transformers only their
+    own switches), and their warnings go through our handler instead of their own stderr one."""
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
+def check_model_path(settings: Settings) -> None:
+    """MODEL_PATH must be a diffusers folder (``save_pretrained`` layout); checked before any load,
+    also with PRELOAD_MODELS=false, so a typo is a boot error and not the first job's."""
+    if not settings.model_path or settings.model == "tiny":
+        return
+    folder = Path(settings.model_path)
+    if not folder.is_dir():
+        raise BootError(f"MODEL_PATH={folder} is not a folder; point it at a diffusers klein folder")
+    if not (folder / "model_index.json").is_file():
+        raise BootError(
+            f"MODEL_PATH={folder} has no model_index.json: not a diffusers folder (save_pretrained "
+            "layout, e.g. `hf download black-forest-labs/FLUX.2-klein-4B --local-dir ...`)"
+        )
+
+
+def weights_error(settings: Settings, variant: Variant, exc: Exception) -> str:
+    """One line for weights that would not load, saying what to fix."""
+    from handlers.engines.klein import HUB_IDS
+
+    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    if settings.model_path:
+        return (
+            f"{variant.label}: the weights in MODEL_PATH={settings.model_path} could not be loaded "
+            f"({detail}); a partial or corrupt folder: download it again or point MODEL_PATH at a "
+            "complete copy"
+        )
+    hub_id = HUB_IDS.get(variant.model, variant.model)
+    token = "check that HF_TOKEN belongs to" if settings.hf_token else "set HF_TOKEN to a token of"
+    return (
+        f"{variant.label}: {hub_id} could not be loaded ({detail}). The weights are gated: {token} "
+        f"an account that accepted the license at https://huggingface.co/{hub_id}, or set MODEL_PATH "
+        "to a downloaded folder"
+    )
+
+
+def upscaler_for(settings: Settings, variant: Variant) -> Upscaler:
+    from handlers.engines.upscaler import create_upscaler
+
+    hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
+    try:
+        return create_upscaler(
+            model="tiny" if variant.model == "tiny" else "real",
+            weights_x2=settings.upscaler_weights_x2,
+            weights_x4=settings.upscaler_weights_x4,
+            device=variant.device,
+            cache_dir=hf_home / "klein-worker" / "upscalers",
+            keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
+        )
+    except FileNotFoundError as exc:
+        raise BootError(str(exc)) from exc
+
+
+def fetch_upscaler_weights(upscaler: Upscaler) -> None:
+    """Download the upscaler checkpoints into the cache now (PRELOAD_MODELS, or the image build),
+    so no job waits for them and a wrong URL is a boot error naming its setting."""
+    from handlers.errors import JobError
+
+    try:
+        upscaler.fetch()
+    except JobError as exc:
+        raise BootError(exc.message) from exc

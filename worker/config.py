@@ -6,13 +6,19 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The official Real-ESRGAN release files, checksum-pinned where they are defined (torch-free module).
+from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL
 
 ModelName = Literal["auto", "klein-4b", "klein-9b", "tiny"]
 Quantization = Literal["auto", "none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]
 
 MIB = 1024 * 1024
+
+# Where AWS_REGION is not set and the queue URL names none (ElasticMQ, moto, LocalStack).
+FALLBACK_REGION = "us-east-1"
 
 
 def _default_worker_id() -> str:
@@ -30,9 +36,8 @@ class Settings(BaseSettings):
     lower_queue_share: float = Field(default=0.0, ge=0.0, le=0.5)
     result_queue_url: str | None = None
     aws_endpoint_url: str | None = None
-    aws_region: str = Field(
-        default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
-    )
+    # Unset: the region in QUEUE_URL (https://sqs.eu-west-1.amazonaws.com/...), else us-east-1.
+    aws_region: str = Field(default="", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
 
     model: ModelName = "auto"
     quantization: Quantization = "auto"
@@ -79,8 +84,9 @@ class Settings(BaseSettings):
     # huggingface_hub's own switch; with it set, {"repo": ...} adapters are refused (no hub access).
     hf_hub_offline: bool = False
 
-    upscaler_weights_x2: str | None = None
-    upscaler_weights_x4: str | None = None
+    # Path or URL of a spandrel-loadable checkpoint; set to "" to serve no upscale at that scale.
+    upscaler_weights_x2: str | None = REALESRGAN_X2PLUS_URL
+    upscaler_weights_x4: str | None = REALESRGAN_X4PLUS_URL
     # Keep the upscaler loaded between jobs only while this much VRAM stays free.
     upscaler_keep_free_gb: float = Field(default=4.0, ge=0)
     # torch.compile of the transformer's repeated blocks and the VAE decoder; None = on for CUDA.
@@ -100,6 +106,18 @@ class Settings(BaseSettings):
     def _upper(cls, v: str) -> str:
         return v.upper()
 
+    @field_validator("upscaler_weights_x2", "upscaler_weights_x4")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v.strip() or None if v is not None else None
+
+    @model_validator(mode="after")
+    def _region(self) -> Settings:
+        if not self.aws_region:
+            first = self.queue_url or (self.queue_urls or "").split(",")[0].strip()
+            self.aws_region = region_from_queue_url(first) or FALLBACK_REGION
+        return self
+
     def require_queue(self) -> str:
         """The one queue jobs are sent to (``worker enqueue``): QUEUE_URL, else the highest of QUEUE_URLS."""
         return self.require_queues()[0]
@@ -116,3 +134,12 @@ class Settings(BaseSettings):
         if len(set(urls)) != len(urls):
             raise SystemExit("QUEUE_URLS lists the same queue twice")
         return urls
+
+
+def region_from_queue_url(queue_url: str) -> str | None:
+    """``https://sqs.eu-west-1.amazonaws.com/123/q`` -> ``eu-west-1``; other endpoints name none."""
+    host = queue_url.split("://", 1)[-1].split("/", 1)[0]
+    parts = host.split(".")
+    if len(parts) > 3 and parts[0] == "sqs" and parts[-2] == "amazonaws":
+        return parts[1]
+    return None

@@ -95,6 +95,9 @@ def start_local_stack(
     with ``high_priority``, also ``<queue>-high`` in front of it (``env()`` then sets QUEUE_URLS)."""
     from moto.server import ThreadedMotoServer
 
+    # werkzeug logs every request at INFO, through a handler of its own when logging is not yet
+    # configured: the demo would print moto's access lines between its job table and results.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -71,3 +71,8 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", stream: object 
     # Library chatter (HTTP connection pools, boto credential lookups) is noise at INFO.
     for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # Warnings about the libraries' own pairing, not about anything an operator can change:
+    # torchao registers enums the way torch now deprecates, and diffusers' torchao loader cannot
+    # import torchao 0.18's tensor classes (we quantize modules directly; handlers/engines/quantize.py).
+    for internal in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(internal).setLevel(max(logging.ERROR, logging.getLevelName(level)))

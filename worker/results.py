@@ -1,11 +1,19 @@
-"""Terminal results: to the result queue and, signed, to the job's webhook."""
+"""Terminal results: to the result queue and, signed, to the job's webhook.
+
+Webhook signatures follow Standard Webhooks (the ``standardwebhooks`` package): the signed
+content is ``{webhook-id}.{webhook-timestamp}.{body}``, so a captured delivery cannot be replayed
+later (receivers reject stale timestamps) or twice (they remember ids), and every language has a
+ready verifier. The id is fixed per delivery: the transfer client's retries resend it unchanged.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
+import uuid
+from datetime import UTC, datetime
 from typing import Protocol
+
+from standardwebhooks import Webhook
 
 from handlers.errors import JobError
 from worker.contract import JobResult
@@ -14,15 +22,27 @@ from worker.urls import redact_url
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Signature"
+# Standard Webhooks' own secret format: "whsec_" + base64 of the key bytes.
+SECRET_PREFIX = "whsec_"
 
 
 class WebhookPoster(Protocol):
     def post_json(self, url: str, body: bytes, headers: dict[str, str]) -> None: ...
 
 
-def sign(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signing_key(secret: str) -> bytes | str:
+    """A ``whsec_...`` secret as Standard Webhooks defines it; any other text as its UTF-8 bytes."""
+    return secret if secret.startswith(SECRET_PREFIX) else secret.encode()
+
+
+def signature_headers(body: bytes, secret: str, *, msg_id: str, at: datetime) -> dict[str, str]:
+    """The ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` headers for ``body``."""
+    signature = Webhook(signing_key(secret)).sign(msg_id, at, body.decode())
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": signature,
+    }
 
 
 class ResultPublisher:
@@ -49,7 +69,8 @@ class ResultPublisher:
     def _post_webhook(self, url: str, body: bytes, job_id: str) -> None:
         headers = {"Content-Type": "application/json"}
         if self._secret:
-            headers[SIGNATURE_HEADER] = sign(body, self._secret)
+            msg_id = f"msg_{uuid.uuid4().hex}"
+            headers.update(signature_headers(body, self._secret, msg_id=msg_id, at=datetime.now(UTC)))
         try:
             self._poster.post_json(url, body, headers)
         except JobError as exc:

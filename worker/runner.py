@@ -11,6 +11,7 @@ overlapping job N's encoding, upload and result, so the GPU does not wait on I/O
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -178,7 +179,10 @@ class Runner:
                 self._publisher.publish(outcome.result, outcome.webhook_url)
         except Exception:  # loop boundary: log it, keep the message, keep the worker
             log.exception("result publishing failed for message %s; will retry", message.message_id)
-            outcome = Outcome(delete=False, delay=self._executor.backoff(message.receive_count))
+            # Keep what the job was (id, type, its fields): SPEC puts the id on every line of a job.
+            outcome = dataclasses.replace(
+                outcome, delete=False, delay=self._executor.backoff(message.receive_count)
+            )
         finally:
             self._heartbeat.untrack(message)
             self._settle(message, outcome, started)

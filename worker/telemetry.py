@@ -96,6 +96,8 @@ class Telemetry:
         )
         self.registry.register(_GpuMemoryCollector(gpu_memory))
         self.last_poll_ok: Callable[[], float | None] = lambda: None
+        # Receives failed in a row: botocore has already retried each of them, so one is an outage.
+        self.poll_failures: Callable[[], int] = lambda: 0
         self.booted = False
         self.loaded: Callable[[], bool] = lambda: False
         self._server: ThreadingHTTPServer | None = None
@@ -131,12 +133,14 @@ class Telemetry:
         loaded = self.loaded()
         last = self.last_poll_ok()
         age = None if last is None else time.monotonic() - last
-        queue_ok = age is not None and age < HEALTHY_POLL_AGE
+        failures = self.poll_failures()
+        queue_ok = age is not None and age < HEALTHY_POLL_AGE and failures == 0
         return self.booted and queue_ok, {
             "booted": self.booted,
             "model_loaded": loaded,
             "queue_reachable": queue_ok,
             "last_poll_age_s": None if age is None else round(age, 1),
+            "receive_failures": failures,
         }
 
     # -- server ------------------------------------------------------------------------------

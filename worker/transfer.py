@@ -23,7 +23,7 @@ from PIL import Image
 from handlers.errors import DownloadFailed, InvalidInput, JobError, UploadFailed
 from handlers.imaging import decode_image
 from worker.hub_files import HubFiles
-from worker.urls import HostResolutionError, UrlGuard, redact_url
+from worker.urls import HostResolutionError, PinnedAddressAdapter, UrlGuard, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class TransferClient:
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
         self._hub = hub if hub is not None else HubFiles(offline=True)
+        # Connect to the address the guard checked (no DNS rebinding between check and connect).
+        for prefix in ("http://", "https://"):
+            self._session.mount(prefix, PinnedAddressAdapter(self._guard))
 
     def close(self) -> None:
         if self._owns_session:

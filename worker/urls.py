@@ -12,7 +12,10 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from requests.adapters import HTTPAdapter
 
 from handlers.errors import InvalidInput
 
@@ -126,11 +129,10 @@ def resolve_host(host: str, port: int) -> list[IPAddress]:
 class UrlGuard:
     """Refuses URLs that are not http(s) or whose host resolves to a non-public address.
 
-    The check resolves the name and the HTTP client resolves it again when it connects,
-    so a DNS server that answers differently the second time (rebinding with TTL 0) can
-    still win that race (TOCTOU). Closing the gap means pinning the checked IP into the
-    connection while keeping Host/SNI for TLS; accepted for now because it takes an
-    attacker-run DNS server and a won race, and every redirect hop is re-checked.
+    ``check`` gives early, field-named errors; ``pinned_address`` is what the HTTP client
+    connects to (``PinnedAddressAdapter``): the name is resolved once, that answer is checked
+    and used, so a DNS server that answers differently the second time (rebinding with TTL 0)
+    cannot swap a private address in between.
     """
 
     allow_private: bool = False
@@ -169,9 +171,52 @@ class UrlGuard:
                     "(loopback/private/link-local/reserved addresses are refused)"
                 )
 
+    def pinned_address(self, host: str, port: int) -> IPAddress | None:
+        """The checked address to connect to for ``host``; None when private URLs are allowed
+        (nothing to protect: the client resolves as usual)."""
+        if self.allow_private:
+            return None
+        addresses = resolve_host(host, port)
+        for address in addresses:
+            if not self._allowed(address):
+                raise InvalidInput(
+                    f"URL host {host!r} resolves to non-public address {address} at connect time"
+                )
+        return addresses[0]
+
     def _allowed(self, address: IPAddress) -> bool:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         if any(address.version == net.version and address in net for net in self.allowed_networks):
             return True
         return is_public_address(address)
+
+
+class PinnedAddressAdapter(HTTPAdapter):
+    """requests' adapter connecting to the address the guard checked, not to a second lookup.
+
+    The TCP connection goes to that IP while the Host header, TLS SNI and certificate check keep
+    the URL's host name, so HTTPS and virtual hosts work unchanged. A hand-written subclass: no
+    well-kept library pins the checked address for requests (requests-toolbelt's host-header
+    adapter needs the caller to rewrite each URL, which breaks redirects and presigned URLs).
+    Behind a proxy the proxy resolves the name, and nothing is pinned.
+    """
+
+    def __init__(self, guard: UrlGuard) -> None:
+        super().__init__()
+        self._guard = guard
+
+    def build_connection_pool_key_attributes(
+        self, request: Any, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        host, port, scheme = host_params["host"], host_params["port"], host_params["scheme"]
+        default_port = 443 if scheme == "https" else 80
+        address = self._guard.pinned_address(host, port or default_port)
+        if address is not None and _literal_address(host) is None:
+            host_params["host"] = str(address)
+            # What http.client would have sent for the name (a presigned URL signs this header).
+            request.headers["Host"] = host if port in (None, default_port) else f"{host}:{port}"
+            if scheme == "https":
+                pool_kwargs.update(server_hostname=host, assert_hostname=host)
+        return host_params, pool_kwargs

@@ -23,17 +23,11 @@ from spandrel import ImageModelDescriptor, ModelLoader
 from spandrel.architectures.ESRGAN import ESRGAN
 
 from handlers.engines.tiling import run_tiled
-from handlers.engines.weights import is_url, resolve_weights
+from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL, is_url, resolve_weights
+from handlers.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-# Official Real-ESRGAN release files (BSD-3-Clause), the defaults of UPSCALER_WEIGHTS_X2/_X4.
-REALESRGAN_X2PLUS_URL = (
-    "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth"
-)
-REALESRGAN_X4PLUS_URL = (
-    "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
-)
 DEFAULT_WEIGHTS: dict[int, str] = {2: REALESRGAN_X2PLUS_URL, 4: REALESRGAN_X4PLUS_URL}
 SCALES = (2, 4)
 
@@ -95,7 +89,11 @@ class Upscaler:
         if scale in self._models:
             return 0.0
         if scale not in self.sources:
-            raise ValueError(f"no upscaler weights for x{scale}; available: {sorted(self.sources)}")
+            # The job asked for what this worker was configured not to serve: no retry helps.
+            raise InvalidInput(
+                f"scale: x{scale} is not available on this worker (UPSCALER_WEIGHTS_X{scale} is unset); "
+                f"available: {', '.join(f'x{s}' for s in sorted(self.sources)) or 'none'}"
+            )
         started = time.perf_counter()
         descriptor = ModelLoader(device=self.device).load_from_state_dict(self.sources[scale]())
         if not isinstance(descriptor, ImageModelDescriptor) or descriptor.scale != scale:
@@ -113,6 +111,12 @@ class Upscaler:
         elapsed = time.perf_counter() - started
         logger.info("upscaler x%d loaded (%s) in %.2fs", scale, descriptor.architecture.name, elapsed)
         return elapsed
+
+    def fetch(self) -> None:
+        """Bring every checkpoint file into the cache now (boot), without loading a model."""
+        for source in self.sources.values():
+            if isinstance(source, WeightsFile):
+                source.fetch()
 
     def upscale(self, image: Image.Image, scale: int) -> Image.Image:
         """Return ``image`` upscaled to exactly ``scale`` x its size, as RGB."""
@@ -234,16 +238,23 @@ def tiny_state_dict(scale: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return network.state_dict()
 
 
-def _file_source(source: str, cache_dir: str | Path) -> StateDictSource:
-    """Load ``source`` on demand; a URL is downloaded (once, into ``cache_dir``) on first use only,
-    so a generate-only worker never fetches it and an unreachable URL fails the upscale, not boot."""
-    if not is_url(source) and not Path(source).is_file():
-        raise FileNotFoundError(f"upscaler weights file not found: {source}")
+class WeightsFile:
+    """A checkpoint by path or URL, loaded on demand. A URL is downloaded (once, into
+    ``cache_dir``) at ``fetch`` (boot, with PRELOAD_MODELS) or on first use, never for a job
+    that does not upscale. ``setting`` names the configuration that chose it, for error messages."""
 
-    def load() -> dict[str, torch.Tensor]:
-        return ModelLoader().load_state_dict_from_file(resolve_weights(source, cache_dir=cache_dir))
+    def __init__(self, source: str, *, cache_dir: str | Path, setting: str) -> None:
+        if not is_url(source) and not Path(source).is_file():
+            raise FileNotFoundError(f"{setting}: weights file not found: {source}")
+        self.source = source
+        self.cache_dir = cache_dir
+        self.setting = setting
 
-    return load
+    def fetch(self) -> Path:
+        return resolve_weights(self.source, cache_dir=self.cache_dir, setting=self.setting)
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        return ModelLoader().load_state_dict_from_file(self.fetch())
 
 
 def create_upscaler(
@@ -275,7 +286,7 @@ def create_upscaler(
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         for scale, path in ((2, weights_x2), (4, weights_x4)):
             if path:
-                sources[scale] = _file_source(path, cache_dir)
+                sources[scale] = WeightsFile(path, cache_dir=cache_dir, setting=f"UPSCALER_WEIGHTS_X{scale}")
     return Upscaler(
         sources=sources,
         device=target,
