@@ -73,6 +73,21 @@ def test_upscaler_weights_that_answer_404_at_boot_are_one_line(
     assert f"UPSCALER_WEIGHTS_X2: {missing} answered HTTP 404; fix the setting" in message
 
 
+def test_upscaler_weights_host_answering_503_at_boot_exits_1_to_be_restarted_not_3(
+    stack, tmp_path, klein_folder, weight_urls, weights_host
+):
+    # Exit 3 ends the container (docker/entrypoint.sh) and the fleet avoids the machine: a weights
+    # host that is down for a moment must not do that. Exit 1 is restarted with backoff.
+    flaky = weights_host.url + "/status/503/RealESRGAN_x2plus.pth"
+    env = production_env(tmp_path, klein_folder, weight_urls, UPSCALER_WEIGHTS_X2=flaky)
+    proc = spawn_worker(stack, **env)
+    _, stderr = proc.communicate(timeout=BOOT_TIMEOUT_S)
+    assert proc.returncode == 1, stderr
+    last = log_lines(stderr)[-1]
+    assert last["msg"].startswith("cannot start yet: UPSCALER_WEIGHTS_X2:") and "restarted" in last["msg"]
+    assert "exc" not in last
+
+
 def test_a_missing_upscaler_weights_file_is_one_line(stack, tmp_path, klein_folder, weight_urls):
     env = production_env(tmp_path, klein_folder, weight_urls, UPSCALER_WEIGHTS_X4=str(tmp_path / "x4.pth"))
     message = _cannot_start(stack, **env)

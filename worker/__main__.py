@@ -38,7 +38,7 @@ def run() -> None:
         serve(settings)
     except BootError as exc:
         # A card that fits nothing, no GPU, a bad profile: one clear line, not a traceback.
-        _cannot_start(str(exc))
+        _cannot_start(str(exc), transient=exc.transient)
 
 
 @app.command("fetch-weights")
@@ -52,7 +52,7 @@ def fetch_weights() -> None:
     try:
         fetch_upscaler_weights(upscaler_for(settings, Variant("klein-4b", "none", "cpu", "fetch-weights")))
     except BootError as exc:
-        _cannot_start(str(exc))
+        _cannot_start(str(exc), transient=exc.transient)
 
 
 def _settings(*, configure: bool = True, **overrides: Any) -> Settings:
@@ -79,7 +79,12 @@ def settings_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _cannot_start(message: str) -> NoReturn:
+def _cannot_start(message: str, *, transient: bool = False) -> NoReturn:
+    """Exit 3: cannot serve, the container ends (docker/entrypoint.sh) and the fleet replaces it.
+    A transient cause exits 1 instead: the entrypoint restarts the worker with backoff."""
+    if transient:
+        logging.getLogger("worker").error("cannot start yet: %s; exiting to be restarted", message)
+        raise typer.Exit(code=1)
     logging.getLogger("worker").error("cannot start: %s", message)
     raise typer.Exit(code=3)
 

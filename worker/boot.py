@@ -50,7 +50,15 @@ NEEDS_GIB: dict[tuple[str, str], float] = {
 
 
 class BootError(RuntimeError):
-    """The worker cannot serve on this machine; the message says why and what would."""
+    """The worker cannot serve on this machine; the message says why and what would.
+
+    ``transient``: the cause may pass by itself (a weights host answering 5xx or timing out): the
+    process exits 1 so the entrypoint restarts it with backoff, instead of 3, which ends the container.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 # What diffusers/huggingface_hub/safetensors raise for weights that are missing, partial, corrupt,
@@ -298,4 +306,4 @@ def fetch_upscaler_weights(upscaler: Upscaler) -> None:
     try:
         upscaler.fetch()
     except JobError as exc:
-        raise BootError(exc.message) from exc
+        raise BootError(exc.message, transient=exc.retryable) from exc
