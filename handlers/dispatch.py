@@ -30,6 +30,7 @@ class Engines:
     gpu: threading.Lock = field(default_factory=threading.Lock)
     load_klein: Callable[[], KleinEngine] | None = None
     label: str | None = None  # the variant's name before its engine exists
+    boot: dict[str, Any] = field(default_factory=dict)  # boot phases (seconds) and compile-cache state
 
     @property
     def model_name(self) -> str:

@@ -107,7 +107,7 @@ def test_exit_status_follows_fits(bench, engines, tmp_path, capsys):
     engine = OomAboveEngine(engines.klein, max_pixels=128 * 128)
     argv = ["--model", "tiny", *SMALL, "--resolutions", "128x128,256x256", "--upscale-input", "0"]
 
-    assert bench.main([*argv, "--output", str(out)], engines=(engine, engines.upscaler)) == 3
+    assert bench.main([*argv, "--output", str(out)], engines=(engine, engines.upscaler, {})) == 3
 
     profile = load_profile(out)
     assert [r.oom for r in profile.resolutions] == [False, True]

@@ -238,12 +238,17 @@ def measure_upscaler(
     return results
 
 
-def run_benchmark(engine: KleinEngine, upscaler: Upscaler, args: argparse.Namespace) -> BenchmarkProfile:
-    """Every measurement on the loaded ``engine``, then the limits and the recommendation."""
+def run_benchmark(
+    engine: KleinEngine, upscaler: Upscaler, args: argparse.Namespace, *, compile_s: float | None = None
+) -> BenchmarkProfile:
+    """Every measurement on the loaded ``engine``, then the limits and the recommendation.
+
+    ``compile_s``: the boot already compiled and warmed the engine (through the compile cache) in
+    that time; else a compiled engine is warmed here, before anything is timed."""
     meter = Meter(engine.device)
     gpu = gpu_section(engine.device)
-    compile_warmup_s = None
-    if engine.compiled:  # pay the compile before anything is timed; the worker's boot does the same
+    compile_warmup_s = compile_s
+    if engine.compiled and compile_s is None:  # pay the compile before anything is timed, as boot does
         started = time.perf_counter()
         engine.warm_up()
         compile_warmup_s = round(time.perf_counter() - started, 2)

@@ -55,13 +55,10 @@ MAX_REFERENCE_ASPECT = 8.0
 WARMUP_SIZE = 256
 WARMUP_STEPS = 1
 
-# warm_up() of a compiled engine: (batch, width, height). Batch 1 then 2, non-square, so the
-# shape-generic (dynamic=True) graphs are built at boot: dynamo specialises sizes 0/1 and equal
-# sizes, and each shape class it meets later would otherwise recompile during a job. Then the
-# serving size: the guards dynamo adds for the convolution backend choice are size thresholds
-# that the small shapes stay under, and on an H100 the first 1024x1024 call still compiled a
-# graph (BENCHMARKS.md); warmed here, that compile is boot time and not a job's.
-COMPILED_WARMUP: tuple[tuple[int, int, int], ...] = ((1, 512, 384), (2, 384, 512), (1, 1024, 1024))
+# What a compiled engine compiles by default (COMPILE_SIZES): (batch, width, height). Only these
+# shapes are compiled at boot; after the warm-up dynamo's stance turns a new shape into an eager
+# run (see ``KleinEngine.warm_up``), so no job ever waits on a compile.
+DEFAULT_COMPILE_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1024, 1024),)
 
 
 class KleinEngine:
@@ -76,9 +73,11 @@ class KleinEngine:
         text_encoder_out_layers: Sequence[int] = REAL_TEXT_ENCODER_OUT_LAYERS,
         max_sequence_length: int = REAL_MAX_SEQUENCE_LENGTH,
         compiled: bool = False,
+        compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     ) -> None:
         self.pipeline = pipeline
         self.compiled = compiled
+        self.compile_sizes = tuple(compile_sizes)
         self.name = name
         self.device = device
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
@@ -133,8 +132,13 @@ class KleinEngine:
             return to_pil(output.images)
 
     def warm_up(self) -> None:
-        """Small generations, so the first job does not pay for lazy init, kernel selection or compiling."""
-        shapes = COMPILED_WARMUP if self.compiled else ((1, WARMUP_SIZE, WARMUP_SIZE),)
+        """Small generations, so the first job does not pay for lazy init, kernel selection or compiling.
+
+        A compiled engine runs exactly its ``compile_sizes`` (the first call compiles, or loads the
+        compiled graphs from the cache), then sets dynamo's stance to ``eager_on_recompile``: a job
+        at any other shape runs eager (slower, but at once) instead of stalling on a recompile.
+        """
+        shapes = self.compile_sizes if self.compiled else ((1, WARMUP_SIZE, WARMUP_SIZE),)
         for batch, width, height in shapes:
             self.generate(
                 prompts=["warm-up"] * batch,
@@ -145,6 +149,8 @@ class KleinEngine:
                 num_steps=WARMUP_STEPS,
                 guidance_scale=1.0,
             )
+        if self.compiled:
+            torch.compiler.set_stance("eager_on_recompile")
 
     def free_memory(self) -> None:
         """Drop dead tensors and return cached CUDA blocks (after an OOM, or between big jobs)."""
@@ -234,6 +240,7 @@ def create_klein_engine(
     cache_dir: str | None = None,
     dtype: torch.dtype | None = None,
     compile: bool = False,
+    compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     nunchaku_transformer: str | None = None,
 ) -> KleinEngine:
     """Build the engine for ``model`` ("tiny", "klein-4b", "klein-9b") on ``device``.
@@ -242,7 +249,7 @@ def create_klein_engine(
     variants load ``model_path`` or their hub id in bf16 (``cache_dir``: the hub cache, e.g.
     ``$HF_HOME/hub``); ``dtype`` overrides that (tests run a saved tiny folder in float32 on CPU).
     ``quantization`` "auto" must be resolved by boot first; every quantization problem is raised
-    before a weight loads. ``compile`` applies on CUDA only (see ``build_engine``).
+    before a weight loads. ``compile``: see ``build_engine``; ``compile_sizes``: what the warm-up compiles.
     ``nunchaku_transformer``: a nunchaku-quantized FLUX.2 transformer folder, for nunchaku-*.
     """
     if model not in MODELS:
@@ -273,7 +280,13 @@ def create_klein_engine(
         )
         name = f"flux2-klein-{model.removeprefix('klein-')}-{_precision_label(quantization, torch_dtype)}"
     return build_engine(
-        pipeline, name=name, device=target, quantization=quantization, compile=compile, capability=capability
+        pipeline,
+        name=name,
+        device=target,
+        quantization=quantization,
+        compile=compile,
+        compile_sizes=compile_sizes,
+        capability=capability,
     )
 
 
@@ -284,6 +297,7 @@ def build_engine(
     device: torch.device,
     quantization: str = "none",
     compile: bool = False,
+    compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     capability: Capability | None = None,
 ) -> KleinEngine:
     """Make a loaded pipeline (on the CPU, or already on ``device``) the engine, in this order:
@@ -292,7 +306,8 @@ def build_engine(
     2. fuse the transformer's QKV projections (always),
     3. quantize (fp8/int8), one Linear at a time onto ``device``, before the rest moves there,
     4. move to ``device``,
-    5. compile the transformer blocks and the VAE decoder (CUDA and ``compile`` only).
+    5. compile the transformer blocks and the VAE decoder (with ``compile``; on a CPU inductor builds
+       C++, which serves the tests of the compiled path and the compile cache).
     """
     layers, max_length = prompt_settings(pipeline)
     pipeline.text_encoder = truncate_text_encoder(pipeline.text_encoder, max(layers))
@@ -302,13 +317,11 @@ def build_engine(
     if quantization in TORCHAO_QUANTIZATIONS:
         quantize_pipeline(pipeline, quantization, device=device, capability=capability)
     pipeline.to(device)
-    compiled = compile and device.type == "cuda" and not nunchaku
+    compiled = compile and not nunchaku
     if device.type == "cuda":
         enable_fast_math()
     if compiled:
         compile_pipeline(pipeline)
-    elif compile:
-        logger.info("torch.compile skipped: it pays only on CUDA, the engine runs on %s", device)
     logger.info(
         "klein engine %s ready on %s (text layers %s, max %d tokens, compiled %s)",
         name,
@@ -324,6 +337,7 @@ def build_engine(
         text_encoder_out_layers=layers,
         max_sequence_length=max_length,
         compiled=compiled,
+        compile_sizes=compile_sizes,
     )
 
 
