@@ -44,9 +44,15 @@ import torch
 from PIL import Image
 
 from handlers.engines.klein import KleinEngine, build_engine, prompt_settings
-from handlers.engines.speed import compile_transformer, compile_vae_decoder
+from handlers.engines.speed import (
+    compile_transformer,
+    compile_vae_decoder,
+    enable_fast_math,
+    set_attention_backend,
+)
 from handlers.engines.upscaler import DEFAULT_TILE_SIZE, Upscaler
 from worker.boot import default_quantization
+from worker.stage_timing import time_stages
 
 logger = logging.getLogger("bench_gpu")
 
@@ -73,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile backend; with --smoke, 'eager' traces the compiled stage on the CPU",
     )
     parser.add_argument("--skip-plain", action="store_true", help="skip plain diffusers (saves time)")
+    parser.add_argument(
+        "--attention-backend",
+        help="diffusers attention backend for every stage (e.g. _native_cudnn), as ATTENTION_BACKEND",
+    )
+    parser.add_argument("--stage-runs", type=int, default=5, help="calls timed per stage (median)")
     parser.add_argument("--skip-upscale", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
@@ -81,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.size, args.steps, args.runs, args.warmup, args.batch = "tiny", 64, 1, 2, 1, 2
-        args.batch_runs = 1
+        args.batch_runs, args.stage_runs = 1, 1
         # Inductor only pays on CUDA; the eager backend still checks tracing and recompiles.
         args.no_compile = args.no_compile or args.compile_backend != "eager"
     if args.quantization is None:
@@ -163,7 +174,7 @@ def measure_plain(pipeline: Any, args: argparse.Namespace, meter: Meter) -> dict
 
         return run
 
-    return measure_stage("plain", call, args, meter)
+    return measure_stage("plain", call, args, meter, pipeline)
 
 
 def measure_engine(stage: str, engine: KleinEngine, args: argparse.Namespace, meter: Meter) -> dict[str, Any]:
@@ -181,20 +192,28 @@ def measure_engine(stage: str, engine: KleinEngine, args: argparse.Namespace, me
 
         return run
 
-    return measure_stage(stage, call, args, meter)
+    return measure_stage(stage, call, args, meter, engine.pipeline)
 
 
 def measure_stage(
-    stage: str, call: Callable[[int], Callable[[], Any]], args: argparse.Namespace, meter: Meter
+    stage: str,
+    call: Callable[[int], Callable[[], Any]],
+    args: argparse.Namespace,
+    meter: Meter,
+    pipeline: Any,
 ) -> dict[str, Any]:
     rest = meter.rest()
     graphs_before = _compiled_graphs()
     single, single_peak = meter.timed(call(1), runs=args.runs, warmup=args.warmup)
+    # Where one image's time goes (CUDA events around each model): text encoder, the transformer
+    # over all steps, VAE decode, and the rest of the call ("post": unpacking, PIL).
+    stages = time_stages(pipeline, meter.device, call(1), runs=args.stage_runs)
     batch, batch_peak = meter.timed(call(args.batch), runs=args.batch_runs, warmup=1)
     result = {
         "stage": stage,
         "s_per_image": statistics.median(single),
         "s_per_image_min": min(single),
+        "stages_s": stages,
         "batch": args.batch,
         "images_per_s": args.batch / statistics.median(batch),
         "rest": rest,
@@ -276,13 +295,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     pipeline = build_pipeline(args, device)
     report["build_s"] = time.perf_counter() - started
+    # The same backend flags for every stage, plain diffusers included: TF32/cuDNN autotuning as
+    # the engine sets them, and the attention backend asked for.
+    if device.type == "cuda":
+        enable_fast_math()
+    if args.attention_backend:
+        set_attention_backend(pipeline.transformer, args.attention_backend)
     if not args.skip_plain:
         report["stages"].append(measure_plain(pipeline, args, meter))
         save_partial(report, args)
 
     started = time.perf_counter()
     engine = build_engine(
-        pipeline, name=f"bench-{args.model}", device=device, quantization=args.quantization, compile=False
+        pipeline,
+        name=f"bench-{args.model}",
+        device=device,
+        quantization=args.quantization,
+        compile=False,
+        attention_backend=args.attention_backend,
     )
     report["engine_build_s"] = time.perf_counter() - started
     report["stages"].append(measure_engine(f"engine {args.quantization}", engine, args, meter))
@@ -292,6 +322,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # What the worker's boot pays (compile_pipeline + warm_up), in two parts: on the first H100
         # run the total was 170 s for 4B BF16, and FP8 runs were cut off while still compiling.
         engine.compiled = True
+        # Both measured shapes compiled, as a worker with COMPILE_SIZES=SIZExSIZE,SIZExSIZE:BATCH.
+        engine.compile_sizes = ((1, args.size, args.size), (args.batch, args.size, args.size))
         backend = args.compile_backend
         for part, compile_part in (
             ("transformer", lambda: compile_transformer(engine.pipeline.transformer, backend=backend)),

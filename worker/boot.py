@@ -138,6 +138,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     stores = compile_stores(settings, hf_home) if compile_ else []  # before torch: see compile_stores
     from handlers.engines.klein import KleinEngine, create_klein_engine
     from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
+    from handlers.engines.speed import UnknownAttentionBackend
     from handlers.engines.upscaler import create_upscaler
     from worker import compile_boot
 
@@ -155,6 +156,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             compile=compile_,
             compile_sizes=settings.compile_shapes(),
             nunchaku_transformer=settings.nunchaku_transformer_path,
+            attention_backend=settings.attention_backend,
         )
         phases["weights_s"] = round(time.perf_counter() - loading, 2)
         compile_boot.warm_up(
@@ -184,7 +186,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             engines = Engines(
                 klein=None, upscaler=upscaler, load_klein=load_klein, label=variant.label, boot=phases
             )
-    except UnsupportedQuantization as exc:
+    except (UnsupportedQuantization, UnknownAttentionBackend) as exc:
         raise BootError(f"{variant.label}: {exc}") from exc
     load_s = time.perf_counter() - started
     log.info(

@@ -49,7 +49,11 @@ def warm_up(
     from handlers.engines import compile_cache
 
     key = compile_cache.cache_key(
-        device=engine.device, variant=variant, quantization=quantization, sizes=engine.compile_sizes
+        device=engine.device,
+        variant=variant,
+        quantization=quantization,
+        sizes=engine.compile_sizes,
+        attention_backend=engine.attention_backend,
     )
     name = compile_cache.bundle_name(key)
     started = time.perf_counter()

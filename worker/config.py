@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # The sizes the warm-up compiles, WxH[:BATCH] comma-separated; any other shape runs eager.
     compile_sizes: str = "1024x1024"
     torchinductor_cache_dir: str | None = None
+    # A diffusers attention backend for the transformer (e.g. _native_cudnn); unset = diffusers' default.
+    attention_backend: str | None = None
     nunchaku_transformer_path: str | None = None
 
     metrics_port: int | None = None

@@ -68,7 +68,12 @@ def _version(package: str) -> str:
 
 
 def cache_key(
-    *, device: torch.device, variant: str, quantization: str, sizes: tuple[tuple[int, int, int], ...]
+    *,
+    device: torch.device,
+    variant: str,
+    quantization: str,
+    sizes: tuple[tuple[int, int, int], ...],
+    attention_backend: str | None = None,
 ) -> dict[str, str]:
     """Everything a compiled graph depends on, as strings (compared field by field on load)."""
     return {
@@ -77,6 +82,7 @@ def cache_key(
         "variant": variant,
         "quantization": quantization,
         "sizes": ",".join(f"{w}x{h}:{b}" for b, w, h in sizes),
+        "attention_backend": attention_backend or "default",
         "engine_source": engine_source_hash(),
     }
 
@@ -133,7 +139,9 @@ def load(data: bytes, key: dict[str, str]) -> LoadedBundle:
         info = torch.compiler.load_cache_artifacts(artifacts)
     except Exception as exc:  # torch unpickles the payload: a bad one raises anything
         raise BundleError(f"torch could not load it: {type(exc).__name__}: {exc}") from exc
-    entries = 0 if info is None else sum(len(v) for v in info.artifacts.values())
+    if info is None:  # torch logs why (a damaged payload) and loads nothing
+        raise BundleError("torch could not read the artifacts")
+    entries = sum(len(v) for v in info.artifacts.values())
     compile_s = header.get("compile_s")
     return LoadedBundle(entries, float(compile_s) if isinstance(compile_s, int | float) else None)
 

@@ -31,7 +31,13 @@ from handlers.engines.quantize import (
 from handlers.engines.quantize import Quantizer as Quantizer
 from handlers.engines.quantize import UnsupportedQuantization as UnsupportedQuantization
 from handlers.engines.quantize import quantizer_for as quantizer_for
-from handlers.engines.speed import compile_pipeline, enable_fast_math, fuse_qkv, truncate_text_encoder
+from handlers.engines.speed import (
+    compile_pipeline,
+    enable_fast_math,
+    fuse_qkv,
+    set_attention_backend,
+    truncate_text_encoder,
+)
 from handlers.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -74,8 +80,10 @@ class KleinEngine:
         max_sequence_length: int = REAL_MAX_SEQUENCE_LENGTH,
         compiled: bool = False,
         compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
+        attention_backend: str | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.attention_backend = attention_backend
         self.compiled = compiled
         self.compile_sizes = tuple(compile_sizes)
         self.name = name
@@ -242,6 +250,7 @@ def create_klein_engine(
     compile: bool = False,
     compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     nunchaku_transformer: str | None = None,
+    attention_backend: str | None = None,
 ) -> KleinEngine:
     """Build the engine for ``model`` ("tiny", "klein-4b", "klein-9b") on ``device``.
 
@@ -287,6 +296,7 @@ def create_klein_engine(
         compile=compile,
         compile_sizes=compile_sizes,
         capability=capability,
+        attention_backend=attention_backend,
     )
 
 
@@ -299,6 +309,7 @@ def build_engine(
     compile: bool = False,
     compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     capability: Capability | None = None,
+    attention_backend: str | None = None,
 ) -> KleinEngine:
     """Make a loaded pipeline (on the CPU, or already on ``device``) the engine, in this order:
 
@@ -317,6 +328,8 @@ def build_engine(
     if quantization in TORCHAO_QUANTIZATIONS:
         quantize_pipeline(pipeline, quantization, device=device, capability=capability)
     pipeline.to(device)
+    if attention_backend:  # after the QKV fusion, which rebuilds no processor but is done first anyway
+        set_attention_backend(pipeline.transformer, attention_backend)
     compiled = compile and not nunchaku
     if device.type == "cuda":
         enable_fast_math()
@@ -338,6 +351,7 @@ def build_engine(
         max_sequence_length=max_length,
         compiled=compiled,
         compile_sizes=compile_sizes,
+        attention_backend=attention_backend,
     )
 
 
