@@ -31,8 +31,9 @@ def parse_sizes(text: str) -> tuple[tuple[int, int, int], ...]:
             shape = (int(batch or 1), int(width), int(height))
         except ValueError:
             raise ValueError(f"COMPILE_SIZES: {item!r} is not WIDTHxHEIGHT[:BATCH]") from None
-        if not (1 <= shape[0] <= 64 and all(16 <= side <= 2048 and side % 16 == 0 for side in shape[1:])):
-            raise ValueError(f"COMPILE_SIZES: {item!r} needs sides 16..2048 in multiples of 16, batch 1..64")
+        # The job limits (SPEC section 2): a size no job can ask for is not worth compiling.
+        if not (1 <= shape[0] <= 64 and all(256 <= side <= 2048 and side % 16 == 0 for side in shape[1:])):
+            raise ValueError(f"COMPILE_SIZES: {item!r} needs sides 256..2048 in multiples of 16, batch 1..64")
         shapes.append(shape)
     return tuple(shapes)
 
