@@ -185,12 +185,20 @@ def test_gpu_benchmark_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixtur
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    assert bench.main(["--smoke", "--attention-backend", "native", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [stage["stage"] for stage in report["stages"]] == ["plain", "engine none"]
+    assert report["args"]["attention_backend"] == "native"  # both stages ran with it
     for stage in report["stages"]:
         assert stage["s_per_image"] > 0 and stage["images_per_s"] > 0
         assert stage["graphs_compiled_during_runs"] == 0
+        # Where one image's time went: each model timed around its own calls, the rest is "post".
+        parts = stage["stages_s"]
+        assert set(parts) == {"text_encoder", "denoise", "vae_decode", "post", "total"}
+        assert all(parts[name] > 0 for name in ("text_encoder", "denoise", "vae_decode"))
+        assert sum(
+            parts[name] for name in ("text_encoder", "denoise", "vae_decode", "post")
+        ) == pytest.approx(parts["total"], rel=0.05)
     assert [row["tile"] for row in report["upscale_x4"]] == [32, None]
     assert report["args"]["model"] == "tiny"
     assert "| engine none |" in capsys.readouterr().out  # the markdown table
@@ -231,3 +239,26 @@ def test_device_side_pil_conversion_is_bit_identical_to_diffusers(dtype: torch.d
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine.mode == reference.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference))
+
+
+def test_attention_backend_is_applied_and_a_wrong_name_is_a_boot_error() -> None:
+    from worker.boot import BootError, Variant, build_engines
+    from worker.config import Settings
+
+    engine = create_klein_engine(model="tiny", attention_backend="native")
+    processors = {
+        type(m.processor).__name__: m.processor
+        for m in engine.pipeline.transformer.modules()
+        if hasattr(m, "processor")
+    }
+    assert processors and all(p._attention_backend == "native" for p in processors.values())
+    (image,) = engine.generate(
+        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
+    )
+    assert image.size == (64, 64)
+
+    settings = Settings(model="tiny", device="cpu", attention_backend="cudnn-please")
+    with pytest.raises(
+        BootError, match="ATTENTION_BACKEND 'cudnn-please' is not a diffusers attention backend"
+    ):
+        build_engines(settings, Variant("tiny", "none", "cpu", "test"))
