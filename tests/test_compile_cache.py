@@ -50,6 +50,8 @@ def _boot_once(stack: LocalStack, job_id: str, cache: str, width: int = 256) -> 
     return ready[0]["boot"], result
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two CPU inductor boots: ~2-4 min on an idle 2-core box, more under load
 def test_the_second_worker_loads_the_compiled_engine_from_s3_and_compiles_nothing(
     stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
