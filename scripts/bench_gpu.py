@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="inductor",
         help="torch.compile backend; with --smoke, 'eager' traces the compiled stage on the CPU",
     )
+    parser.add_argument(
+        "--compile-cache",
+        help="COMPILE_CACHE for the compiled stage: its bundle is loaded (or made and saved) as the "
+        "worker's boot does; the compile is then reported as one figure, the cache state beside it",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="skip plain diffusers (saves time)")
     parser.add_argument(
         "--attention-backend",
@@ -323,25 +328,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # run the total was 170 s for 4B BF16, and FP8 runs were cut off while still compiling.
         engine.compiled = True
         # Both measured shapes compiled, as a worker with COMPILE_SIZES=SIZExSIZE,SIZExSIZE:BATCH.
-        engine.compile_sizes = ((1, args.size, args.size), (args.batch, args.size, args.size))
-        backend = args.compile_backend
-        for part, compile_part in (
-            ("transformer", lambda: compile_transformer(engine.pipeline.transformer, backend=backend)),
-            ("vae", lambda: compile_vae_decoder(engine.pipeline.vae, backend=backend)),
-        ):
-            compile_part()
-            started = time.perf_counter()
-            engine.warm_up()
-            report[f"compile_warmup_{part}_s"] = time.perf_counter() - started
-            logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
-            save_partial(report, args)
-        report["compile_warmup_s"] = report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
+        engine.compile_sizes = ((1, args.size, args.size),)
+        if args.batch > 1:
+            engine.compile_sizes += ((args.batch, args.size, args.size),)
+        if args.compile_cache:
+            compile_through_cache(engine, args, report)
+        else:
+            compile_in_parts(engine, args, report)
+        save_partial(report, args)
         report["stages"].append(measure_engine(f"compiled {args.quantization}", engine, args, meter))
         save_partial(report, args)
 
     if not args.skip_upscale:
         report["upscale_x4"] = measure_upscale(args, device, meter)
     return report
+
+
+def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """What the worker's boot pays with no cache, in two parts (transformer, VAE decoder): on the
+    first H100 run the total was 170 s for 4B BF16, and FP8 runs were cut off while compiling."""
+    backend = args.compile_backend
+    for part, compile_part in (
+        ("transformer", lambda: compile_transformer(engine.pipeline.transformer, backend=backend)),
+        ("vae", lambda: compile_vae_decoder(engine.pipeline.vae, backend=backend)),
+    ):
+        compile_part()
+        started = time.perf_counter()
+        engine.warm_up()
+        report[f"compile_warmup_{part}_s"] = time.perf_counter() - started
+        logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
+        save_partial(report, args)
+    report["compile_warmup_s"] = report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
+
+
+def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """The worker's own boot step (worker/compile_boot.py) on the engine, under the worker's variant
+    name, so a bundle seeded by a worker or by benchmark_vram.py is found (and one made here is
+    found by them, when the compiled sizes match: ``--batch 1`` compiles 1024x1024:1 only)."""
+    from worker import compile_boot
+    from worker.boot import Variant
+    from worker.compile_store import open_stores
+
+    backend = args.compile_backend
+    compile_transformer(engine.pipeline.transformer, backend=backend)
+    compile_vae_decoder(engine.pipeline.vae, backend=backend)
+    variant = Variant(args.model, args.quantization, engine.device.type, "bench")
+
+    def s3_client() -> Any:
+        import boto3
+
+        return boto3.client("s3")
+
+    stores = open_stores(args.compile_cache, default_folder=Path(args.compile_cache), s3_client=s3_client)
+    compile_boot.use_inductor_cache_dir(stores)  # the worker's own layout: its C++/Triton builds too
+    phases: dict[str, Any] = {}
+    compile_boot.warm_up(
+        engine, variant=variant.label, quantization=args.quantization, stores=stores, phases=phases
+    )
+    report["compile_boot"] = phases
+    report["compile_warmup_s"] = phases["compile_s"] + phases["warm_up_s"]
 
 
 def save_partial(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -379,7 +424,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_gib(stage['rest']['allocated_gib'])} "
             f"| {_gib(stage['peak_gib_single'])} / {_gib(stage['peak_gib_batch'])} |"
         )
-    if "compile_warmup_s" in report:
+    lines += [
+        "",
+        "| stage | text encoder | denoise | VAE decode | post | total (s, median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in report["stages"]:
+        parts = stage["stages_s"]
+        lines.append(
+            f"| {stage['stage']} | {parts['text_encoder']:.3f} | {parts['denoise']:.3f} "
+            f"| {parts['vae_decode']:.3f} | {parts['post']:.3f} | {parts['total']:.3f} |"
+        )
+    if "compile_boot" in report:
+        boot = report["compile_boot"]
+        lines.append(
+            f"\nBoot cost of compiling: {report['compile_warmup_s']:.1f} s "
+            f"(compile cache {boot['compile_cache']}: {boot.get('graphs_compiled')} graphs compiled, "
+            f"{boot.get('graphs_from_cache')} from the cache)"
+        )
+    elif "compile_warmup_s" in report:
         lines.append(
             f"\nBoot cost of compiling (warm-up of the compiled engine): {report['compile_warmup_s']:.1f} s"
             f" (transformer {report['compile_warmup_transformer_s']:.1f} s,"

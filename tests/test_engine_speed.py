@@ -241,6 +241,22 @@ def test_device_side_pil_conversion_is_bit_identical_to_diffusers(dtype: torch.d
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference))
 
 
+def test_gpu_benchmark_compiled_stage_through_the_compile_cache(tmp_path: Path, monkeypatch) -> None:
+    # --compile-cache: the compiled stage runs the worker's boot step (lookup, compile, save).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored after the test
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--compile-backend", "eager", "--skip-plain", "--skip-upscale"]
+    assert bench.main([*argv, "--compile-cache", str(tmp_path / "cc"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [stage["stage"] for stage in report["stages"]] == ["engine none", "compiled none"]
+    boot = report["compile_boot"]
+    assert boot["compile_cache"] == "miss" and boot["cache_load_s"] >= 0 and boot["compile_s"] > 0
+    assert report["compile_warmup_s"] == pytest.approx(boot["compile_s"] + boot["warm_up_s"])
+
+
 def test_attention_backend_is_applied_and_a_wrong_name_is_a_boot_error() -> None:
     from worker.boot import BootError, Variant, build_engines
     from worker.config import Settings
