@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="COMPILE_CACHE for the compiled stage: its bundle is loaded (or made and saved) as the "
         "worker's boot does; the compile is then reported as one figure, the cache state beside it",
     )
+    parser.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile static-shape graphs (dynamic=False) instead of the worker's shape-generic ones, "
+        "to measure which serves faster and compiles sooner",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="skip plain diffusers (saves time)")
     parser.add_argument(
         "--attention-backend",
@@ -347,10 +353,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
     """What the worker's boot pays with no cache, in two parts (transformer, VAE decoder): on the
     first H100 run the total was 170 s for 4B BF16, and FP8 runs were cut off while compiling."""
-    backend = args.compile_backend
+    backend, dynamic = args.compile_backend, not args.compile_static
     for part, compile_part in (
-        ("transformer", lambda: compile_transformer(engine.pipeline.transformer, backend=backend)),
-        ("vae", lambda: compile_vae_decoder(engine.pipeline.vae, backend=backend)),
+        (
+            "transformer",
+            lambda: compile_transformer(engine.pipeline.transformer, backend=backend, dynamic=dynamic),
+        ),
+        ("vae", lambda: compile_vae_decoder(engine.pipeline.vae, backend=backend, dynamic=dynamic)),
     ):
         compile_part()
         started = time.perf_counter()
@@ -369,9 +378,9 @@ def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report:
     from worker.boot import Variant
     from worker.compile_store import open_stores
 
-    backend = args.compile_backend
-    compile_transformer(engine.pipeline.transformer, backend=backend)
-    compile_vae_decoder(engine.pipeline.vae, backend=backend)
+    backend, dynamic = args.compile_backend, not args.compile_static
+    compile_transformer(engine.pipeline.transformer, backend=backend, dynamic=dynamic)
+    compile_vae_decoder(engine.pipeline.vae, backend=backend, dynamic=dynamic)
     variant = Variant(args.model, args.quantization, engine.device.type, "bench")
 
     def s3_client() -> Any:
@@ -383,7 +392,12 @@ def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report:
     compile_boot.use_inductor_cache_dir(stores)  # the worker's own layout: its C++/Triton builds too
     phases: dict[str, Any] = {}
     compile_boot.warm_up(
-        engine, variant=variant.label, quantization=args.quantization, stores=stores, phases=phases
+        engine,
+        variant=variant.label,
+        quantization=args.quantization,
+        stores=stores,
+        phases=phases,
+        dynamic=dynamic,
     )
     report["compile_boot"] = phases
     report["compile_warmup_s"] = phases["compile_s"] + phases["warm_up_s"]

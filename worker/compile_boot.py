@@ -39,8 +39,10 @@ def warm_up(
     quantization: str,
     stores: list[BundleStore],
     phases: dict[str, Any],
+    dynamic: bool = True,
 ) -> None:
-    """Warm ``engine`` up, through the compile cache when it is compiled; fills ``phases``."""
+    """Warm ``engine`` up, through the compile cache when it is compiled; fills ``phases``.
+    ``dynamic``: how its regions were compiled (the worker: shape-generic), part of the key."""
     if not engine.compiled:
         started = time.perf_counter()
         engine.warm_up()
@@ -54,6 +56,7 @@ def warm_up(
         quantization=quantization,
         sizes=engine.compile_sizes,
         attention_backend=engine.attention_backend,
+        dynamic=dynamic,
     )
     name = compile_cache.bundle_name(key)
     started = time.perf_counter()

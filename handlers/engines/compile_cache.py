@@ -74,6 +74,7 @@ def cache_key(
     quantization: str,
     sizes: tuple[tuple[int, int, int], ...],
     attention_backend: str | None = None,
+    dynamic: bool = True,
 ) -> dict[str, str]:
     """Everything a compiled graph depends on, as strings (compared field by field on load)."""
     return {
@@ -83,6 +84,7 @@ def cache_key(
         "quantization": quantization,
         "sizes": ",".join(f"{w}x{h}:{b}" for b, w, h in sizes),
         "attention_backend": attention_backend or "default",
+        "dynamic": str(dynamic).lower(),  # shape-generic graphs (the worker's) or static ones
         "engine_source": engine_source_hash(),
     }
 
