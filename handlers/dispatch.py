@@ -32,6 +32,7 @@ class Engines:
     load_klein: Callable[[], KleinEngine] | None = None
     label: str | None = None  # the variant's name before its engine exists
     lora_files: LoraFiles | None = None  # adapter files on disk; None when MAX_LORAS=0
+    boot: dict[str, Any] = field(default_factory=dict)  # boot phases (seconds) and compile-cache state
 
     @property
     def model_name(self) -> str:

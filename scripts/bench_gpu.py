@@ -44,9 +44,15 @@ import torch
 from PIL import Image
 
 from handlers.engines.klein import KleinEngine, build_engine, prompt_settings
-from handlers.engines.speed import compile_transformer, compile_vae_decoder
+from handlers.engines.speed import (
+    compile_transformer,
+    compile_vae_decoder,
+    enable_fast_math,
+    set_attention_backend,
+)
 from handlers.engines.upscaler import DEFAULT_TILE_SIZE, Upscaler
 from worker.boot import default_quantization
+from worker.stage_timing import time_stages
 
 logger = logging.getLogger("bench_gpu")
 
@@ -72,7 +78,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="inductor",
         help="torch.compile backend; with --smoke, 'eager' traces the compiled stage on the CPU",
     )
+    parser.add_argument(
+        "--compile-cache",
+        help="COMPILE_CACHE for the compiled stage: its bundle is loaded (or made and saved) as the "
+        "worker's boot does; the compile is then reported as one figure, the cache state beside it",
+    )
+    parser.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile static-shape graphs (dynamic=False) instead of the worker's shape-generic ones, "
+        "to measure which serves faster and compiles sooner",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="skip plain diffusers (saves time)")
+    parser.add_argument(
+        "--attention-backend",
+        help="diffusers attention backend for every stage (e.g. _native_cudnn), as ATTENTION_BACKEND",
+    )
+    parser.add_argument("--stage-runs", type=int, default=5, help="calls timed per stage (median)")
     parser.add_argument("--skip-upscale", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
@@ -81,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.size, args.steps, args.runs, args.warmup, args.batch = "tiny", 64, 1, 2, 1, 2
-        args.batch_runs = 1
+        args.batch_runs, args.stage_runs = 1, 1
         # Inductor only pays on CUDA; the eager backend still checks tracing and recompiles.
         args.no_compile = args.no_compile or args.compile_backend != "eager"
     if args.quantization is None:
@@ -163,7 +185,7 @@ def measure_plain(pipeline: Any, args: argparse.Namespace, meter: Meter) -> dict
 
         return run
 
-    return measure_stage("plain", call, args, meter)
+    return measure_stage("plain", call, args, meter, pipeline)
 
 
 def measure_engine(stage: str, engine: KleinEngine, args: argparse.Namespace, meter: Meter) -> dict[str, Any]:
@@ -181,20 +203,28 @@ def measure_engine(stage: str, engine: KleinEngine, args: argparse.Namespace, me
 
         return run
 
-    return measure_stage(stage, call, args, meter)
+    return measure_stage(stage, call, args, meter, engine.pipeline)
 
 
 def measure_stage(
-    stage: str, call: Callable[[int], Callable[[], Any]], args: argparse.Namespace, meter: Meter
+    stage: str,
+    call: Callable[[int], Callable[[], Any]],
+    args: argparse.Namespace,
+    meter: Meter,
+    pipeline: Any,
 ) -> dict[str, Any]:
     rest = meter.rest()
     graphs_before = _compiled_graphs()
     single, single_peak = meter.timed(call(1), runs=args.runs, warmup=args.warmup)
+    # Where one image's time goes (CUDA events around each model): text encoder, the transformer
+    # over all steps, VAE decode, and the rest of the call ("post": unpacking, PIL).
+    stages = time_stages(pipeline, meter.device, call(1), runs=args.stage_runs)
     batch, batch_peak = meter.timed(call(args.batch), runs=args.batch_runs, warmup=1)
     result = {
         "stage": stage,
         "s_per_image": statistics.median(single),
         "s_per_image_min": min(single),
+        "stages_s": stages,
         "batch": args.batch,
         "images_per_s": args.batch / statistics.median(batch),
         "rest": rest,
@@ -276,13 +306,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     pipeline = build_pipeline(args, device)
     report["build_s"] = time.perf_counter() - started
+    # The same backend flags for every stage, plain diffusers included: TF32/cuDNN autotuning as
+    # the engine sets them, and the attention backend asked for.
+    if device.type == "cuda":
+        enable_fast_math()
+    if args.attention_backend:
+        set_attention_backend(pipeline.transformer, args.attention_backend)
     if not args.skip_plain:
         report["stages"].append(measure_plain(pipeline, args, meter))
         save_partial(report, args)
 
     started = time.perf_counter()
     engine = build_engine(
-        pipeline, name=f"bench-{args.model}", device=device, quantization=args.quantization, compile=False
+        pipeline,
+        name=f"bench-{args.model}",
+        device=device,
+        quantization=args.quantization,
+        compile=False,
+        attention_backend=args.attention_backend,
     )
     report["engine_build_s"] = time.perf_counter() - started
     report["stages"].append(measure_engine(f"engine {args.quantization}", engine, args, meter))
@@ -292,24 +333,74 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # What the worker's boot pays (compile_pipeline + warm_up), in two parts: on the first H100
         # run the total was 170 s for 4B BF16, and FP8 runs were cut off while still compiling.
         engine.compiled = True
-        backend = args.compile_backend
-        for part, compile_part in (
-            ("transformer", lambda: compile_transformer(engine.pipeline.transformer, backend=backend)),
-            ("vae", lambda: compile_vae_decoder(engine.pipeline.vae, backend=backend)),
-        ):
-            compile_part()
-            started = time.perf_counter()
-            engine.warm_up()
-            report[f"compile_warmup_{part}_s"] = time.perf_counter() - started
-            logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
-            save_partial(report, args)
-        report["compile_warmup_s"] = report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
+        # Both measured shapes compiled, as a worker with COMPILE_SIZES=SIZExSIZE,SIZExSIZE:BATCH.
+        engine.compile_sizes = ((1, args.size, args.size),)
+        if args.batch > 1:
+            engine.compile_sizes += ((args.batch, args.size, args.size),)
+        if args.compile_cache:
+            compile_through_cache(engine, args, report)
+        else:
+            compile_in_parts(engine, args, report)
+        save_partial(report, args)
         report["stages"].append(measure_engine(f"compiled {args.quantization}", engine, args, meter))
         save_partial(report, args)
 
     if not args.skip_upscale:
         report["upscale_x4"] = measure_upscale(args, device, meter)
     return report
+
+
+def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """What the worker's boot pays with no cache, in two parts (transformer, VAE decoder): on the
+    first H100 run the total was 170 s for 4B BF16, and FP8 runs were cut off while compiling."""
+    backend, dynamic = args.compile_backend, not args.compile_static
+    for part, compile_part in (
+        (
+            "transformer",
+            lambda: compile_transformer(engine.pipeline.transformer, backend=backend, dynamic=dynamic),
+        ),
+        ("vae", lambda: compile_vae_decoder(engine.pipeline.vae, backend=backend, dynamic=dynamic)),
+    ):
+        compile_part()
+        started = time.perf_counter()
+        engine.warm_up()
+        report[f"compile_warmup_{part}_s"] = time.perf_counter() - started
+        logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
+        save_partial(report, args)
+    report["compile_warmup_s"] = report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
+
+
+def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """The worker's own boot step (worker/compile_boot.py) on the engine, under the worker's variant
+    name, so a bundle seeded by a worker or by benchmark_vram.py is found (and one made here is
+    found by them, when the compiled sizes match: ``--batch 1`` compiles 1024x1024:1 only)."""
+    from worker import compile_boot
+    from worker.boot import Variant
+    from worker.compile_store import open_stores
+
+    backend, dynamic = args.compile_backend, not args.compile_static
+    compile_transformer(engine.pipeline.transformer, backend=backend, dynamic=dynamic)
+    compile_vae_decoder(engine.pipeline.vae, backend=backend, dynamic=dynamic)
+    variant = Variant(args.model, args.quantization, engine.device.type, "bench")
+
+    def s3_client() -> Any:
+        import boto3
+
+        return boto3.client("s3")
+
+    stores = open_stores(args.compile_cache, default_folder=Path(args.compile_cache), s3_client=s3_client)
+    compile_boot.use_inductor_cache_dir(stores)  # the worker's own layout: its C++/Triton builds too
+    phases: dict[str, Any] = {}
+    compile_boot.warm_up(
+        engine,
+        variant=variant.label,
+        quantization=args.quantization,
+        stores=stores,
+        phases=phases,
+        dynamic=dynamic,
+    )
+    report["compile_boot"] = phases
+    report["compile_warmup_s"] = phases["compile_s"] + phases["warm_up_s"]
 
 
 def save_partial(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -347,7 +438,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_gib(stage['rest']['allocated_gib'])} "
             f"| {_gib(stage['peak_gib_single'])} / {_gib(stage['peak_gib_batch'])} |"
         )
-    if "compile_warmup_s" in report:
+    lines += [
+        "",
+        "| stage | text encoder | denoise | VAE decode | post | total (s, median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in report["stages"]:
+        parts = stage["stages_s"]
+        lines.append(
+            f"| {stage['stage']} | {parts['text_encoder']:.3f} | {parts['denoise']:.3f} "
+            f"| {parts['vae_decode']:.3f} | {parts['post']:.3f} | {parts['total']:.3f} |"
+        )
+    if "compile_boot" in report:
+        boot = report["compile_boot"]
+        lines.append(
+            f"\nBoot cost of compiling: {report['compile_warmup_s']:.1f} s "
+            f"(compile cache {boot['compile_cache']}: {boot.get('graphs_compiled')} graphs compiled, "
+            f"{boot.get('graphs_from_cache')} from the cache)"
+        )
+    elif "compile_warmup_s" in report:
         lines.append(
             f"\nBoot cost of compiling (warm-up of the compiled engine): {report['compile_warmup_s']:.1f} s"
             f" (transformer {report['compile_warmup_transformer_s']:.1f} s,"

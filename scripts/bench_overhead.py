@@ -87,6 +87,9 @@ def bench_overhead(n_jobs: int, size: int, concurrency: int = 1) -> dict:
                 "aws_endpoint_url": stack.endpoint,
                 "allow_private_urls": True,
                 "wait_time_seconds": 0,
+                # The runner reads its concurrency from here only: without it both rows of the
+                # table ran with the default (2).
+                "job_concurrency": concurrency,
             },
         )
         engines = build_engines(settings, Variant("tiny", "none", "cpu", "bench"))
@@ -120,7 +123,7 @@ def bench_overhead(n_jobs: int, size: int, concurrency: int = 1) -> dict:
     overhead = [(t - e) * 1000 for t, e in zip(totals, timed.spent, strict=True)]
     report = {
         "jobs": len(ids),
-        "concurrency": concurrency,
+        "concurrency": runner._concurrency,  # what the runner really used, not what was asked
         "jobs_per_s": round(len(ids) / wall, 2),
         "image": f"{size}x{size} png",
         "overhead_ms_median": round(statistics.median(overhead), 1),

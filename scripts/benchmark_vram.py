@@ -22,6 +22,7 @@ import gc
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -99,28 +100,47 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
-def build_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler]:
-    """Random full-size weights, or the worker's own loading path (MODEL_PATH, HF_TOKEN, ...)."""
-    if args.random_weights and args.model != "tiny":
-        from handlers.engines.random_weights import create_random_klein_engine, create_random_upscaler
+def build_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler, dict[str, Any]]:
+    """Random full-size weights, or the worker's own loading path (MODEL_PATH, HF_TOKEN, ...).
 
-        engine = create_random_klein_engine(
-            model=args.model, quantization=args.quantization, device=args.device, compile=args.compile
-        )
-        return engine, create_random_upscaler(device=args.device)
-    from worker.boot import Variant
+    With ``--compile`` (CUDA only) the engine is warmed through the worker's compile cache
+    (COMPILE_CACHE, COMPILE_SIZES from the environment), so this benchmark also seeds the bundle
+    the fleet's workers load at boot: random weights compile the very graphs real ones do.
+    Returns the boot phases too (compile time, cache state)."""
+    from worker.boot import Variant, compile_stores
     from worker.boot import build_engines as worker_build_engines
     from worker.config import Settings
 
+    on_cuda = (args.device or ("cpu" if args.model == "tiny" else "cuda")).startswith("cuda")
     settings = Settings(
         model=args.model,
         quantization=args.quantization,
         device=args.device,
-        torch_compile=args.compile,
+        torch_compile=args.compile and on_cuda,  # inductor's CPU build is for tests, not profiles
     )
-    engines = worker_build_engines(settings, Variant(args.model, args.quantization, args.device, "benchmark"))
+    variant = Variant(args.model, args.quantization, args.device, "benchmark")
+    if args.random_weights and args.model != "tiny":
+        from handlers.engines.random_weights import create_random_klein_engine, create_random_upscaler
+        from worker import compile_boot
+
+        engine = create_random_klein_engine(
+            model=args.model,
+            quantization=args.quantization,
+            device=args.device,
+            compile=bool(settings.torch_compile),
+            compile_sizes=settings.compile_shapes(),
+        )
+        phases: dict[str, Any] = {}
+        if engine.compiled:
+            hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
+            stores = compile_stores(settings, hf_home)
+            compile_boot.warm_up(
+                engine, variant=variant.label, quantization=args.quantization, stores=stores, phases=phases
+            )
+        return engine, create_random_upscaler(device=args.device), phases
+    engines = worker_build_engines(settings, variant)
     assert engines.klein is not None and engines.upscaler is not None
-    return engines.klein, engines.upscaler
+    return engines.klein, engines.upscaler, engines.boot
 
 
 def markdown_table(profile: BenchmarkProfile) -> str:
@@ -169,7 +189,9 @@ def _gib(torch_bytes: int | None, nvml_bytes: int | None) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def main(argv: list[str] | None = None, *, engines: tuple[KleinEngine, Upscaler] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, engines: tuple[KleinEngine, Upscaler, dict[str, Any]] | None = None
+) -> int:
     """Run the benchmark; ``engines`` replaces building them (tests pass an engine that runs out
     of memory). Returns the exit status."""
     try:
@@ -187,7 +209,7 @@ def main(argv: list[str] | None = None, *, engines: tuple[KleinEngine, Upscaler]
         console.print(f"[red]error:[/red] --device {args.device}: no CUDA device; use --model tiny on a CPU")
         return EXIT_USAGE
     try:
-        klein, upscaler = engines or build_engines(args)
+        klein, upscaler, boot = engines or build_engines(args)
     except (UnsupportedQuantization, ValueError, OSError) as exc:  # bad choice, missing weights
         console.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
@@ -200,7 +222,7 @@ def main(argv: list[str] | None = None, *, engines: tuple[KleinEngine, Upscaler]
             recommendation=not_fitting(args.model, args.quantization, "out of memory while loading"),
         )
     else:
-        profile = run_benchmark(klein, upscaler, args)
+        profile = run_benchmark(klein, upscaler, args, compile_s=boot.get("compile_s"))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(profile.model_dump_json(indent=2) + "\n")
     logger.info("profile written to %s", args.output)

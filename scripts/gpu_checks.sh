@@ -3,19 +3,29 @@
 # rented box before a fleet rollout.
 #
 #   scripts/gpu_checks.sh OUT_DIR STEP[:SECONDS]...
+#   scripts/gpu_checks.sh OUT_DIR issue10        # issue 10's measurements, one call, ~9 min
 #
 # Measured 2026-11-23 on an H100: tests ~3 min (the compiled tiny engine), bench-4b 335 s,
 # vram-4b 110 s, vram-9b 159 s; the FP8 compiled stages need over 5 min of compiling.
-# Steps: tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b, cold-4b
-# (see the case below). Each step runs under its own time limit (SECONDS, else its default) with its
+# Steps: deps, tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b, cold-4b,
+# cold-4b-cache, bench-4b-stages, attn-4b, fp8-4b-stages, fp8-9b-stages, static-4b (see the case
+# below). Presets (issue 10, each one call within ~9.5 minutes):
+#   issue10        deps, cold-4b-cache, bench-4b-stages, attn-4b    (limits 20+330+150+60 s)
+#   issue10-fp8    deps, fp8-4b-stages, fp8-9b-stages               (limits 20+240+300 s)
+#   issue10-static deps, static-4b                                  (limits 20+240 s)
+# Each step runs under its own time limit (SECONDS, else its default) with its
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
 # reported and the next one still runs, so one bug does not cost the whole GPU lease. The
 # figures go into BENCHMARKS.md and benchmarks/profiles/.
 #
-# On a machine without the project installed (the lent dev GPU has torch but not diffusers,
-# transformers 5, torchao, spandrel, pydantic(-settings), boto3), install the project's pinned
-# versions first, or carry their wheels and run with PYTHONPATH=<wheels dir>:$PWD. Keep that
-# machine's own torch and huggingface_hub (a carried huggingface_hub 2.x needs httpx2).
+# On a machine without the project installed (the lent dev GPU has torch and transformers 5 but
+# not diffusers, torchao, spandrel, pydantic(-settings), boto3, moto), install the project's pinned
+# versions first, or carry their wheels: `scripts/gpu_deps.sh` here (PyPI; 38 MiB into .whl/,
+# under the 64 MiB carry limit), carry `.whl`, and the deps step installs them into /tmp/site for
+# every later step (WHEELS=DIR for another folder). Keep that machine's own torch, transformers and
+# huggingface_hub (a carried huggingface_hub 2.x needs httpx2); the FP8 steps also need the torchao
+# wheel built for that machine's torch. The deps step checks the imports first (seconds), so a
+# missing package fails at once instead of after a model build. Untested on a lent machine so far.
 set -u
 
 out=${1:?usage: gpu_checks.sh OUT_DIR STEP[:SECONDS]...}
@@ -42,11 +52,73 @@ run_step() {
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm \
     --format=csv 2>&1 | head -n 3
 
+steps=()
 for spec in "$@"; do
+    case $spec in
+    issue10) steps+=(deps cold-4b-cache:330 bench-4b-stages:150 attn-4b:60) ;;
+    issue10-fp8) steps+=(deps fp8-4b-stages:240 fp8-9b-stages:300) ;;
+    issue10-static) steps+=(deps static-4b:240) ;;
+    *) steps+=("$spec") ;;
+    esac
+done
+
+for spec in "${steps[@]}"; do
     name=${spec%%:*}
     limit=${spec#*:}
     [ "$limit" = "$spec" ] && limit=""
     case $name in
+    deps)
+        # Carried wheels (scripts/gpu_deps.sh, carry .whl) go into /tmp/site for every later step.
+        if [ -d "${WHEELS:-.whl}" ]; then
+            "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target /tmp/site "${WHEELS:-.whl}"/*.whl && export PYTHONPATH=/tmp/site:$PWD
+        fi
+        run_step "$name" "${limit:-20}" "$python" -c "import torch, diffusers, transformers, spandrel, \
+pydantic_settings, boto3, moto.server; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'cuda', torch.cuda.is_available())"
+        ;;
+    cold-4b-cache)
+        # Issue 10: container start to first result, 4B BF16 from local disk; run 1 with an empty
+        # COMPILE_CACHE (compiles and saves), run 2 with the bundle run 1 saved (a fresh process,
+        # inductor's own caches in the same folder as on a restarted Vast instance).
+        rm -rf /tmp/klein-compile-cache
+        run_step "$name" "${limit:-300}" "$python" scripts/bench_cold_start.py --save-random klein-4b \
+            --save-dir /tmp/klein-4b-random --size 1024 --runs 2 --env TORCH_COMPILE=true \
+            --env COMPILE_CACHE=/tmp/klein-compile-cache --json "$out/$name.json"
+        ls -l /tmp/klein-compile-cache/*.bundle 2>&1 | tee -a "$out/$name.log"
+        ;;
+    bench-4b-stages)
+        # Per-image time with per-stage CUDA-event times (text encoder, denoise, VAE decode, post):
+        # plain diffusers, the engine eager, the engine compiled. Batch 1 keeps the compiled sizes
+        # at 1024x1024:1, the bundle cold-4b-cache saved, so the compile is a cache hit here (run
+        # alone, it compiles: ~3 min, raise the limit).
+        run_step "$name" "${limit:-150}" "$python" scripts/bench_gpu.py --model klein-4b --runs 5 \
+            --batch 1 --batch-runs 1 --skip-upscale --compile-cache /tmp/klein-compile-cache \
+            --json "$out/$name.json"
+        ;;
+    fp8-4b-stages | fp8-9b-stages)
+        # Compiled FP8 per image with per-stage times and its compile (boot) cost, 1024x1024
+        # batch 1 only (the worker's default COMPILE_SIZES); the eager engine row beside it.
+        model=klein-${name:4:2}
+        model=${model%-}
+        run_step "$name" "${limit:-300}" "$python" scripts/bench_gpu.py --model "$model" \
+            --quantization fp8 --runs 5 --batch 1 --batch-runs 1 --skip-plain --skip-upscale \
+            --compile-cache /tmp/klein-compile-cache --json "$out/$name.json"
+        ;;
+    static-4b)
+        # Static-shape graphs (dynamic=False) for 1024x1024 batch 1: compile time and s/image, to
+        # compare with bench-4b-stages' shape-generic compiled row (the worker's choice today).
+        run_step "$name" "${limit:-240}" "$python" scripts/bench_gpu.py --model klein-4b --runs 5 \
+            --batch 1 --batch-runs 1 --skip-plain --skip-upscale --compile-static \
+            --compile-cache /tmp/klein-compile-cache --json "$out/$name.json"
+        ;;
+    attn-4b)
+        # The attention-backend lever: the eager engine with cuDNN attention (compare with the
+        # "engine none" row of bench-4b-stages).
+        run_step "$name" "${limit:-60}" "$python" scripts/bench_gpu.py --model klein-4b --runs 5 \
+            --batch 2 --batch-runs 2 --skip-plain --skip-upscale --no-compile \
+            --attention-backend _native_cudnn --json "$out/$name.json"
+        ;;
     tests)
         run_step "$name" "${limit:-400}" "$python" -m pytest -m gpu -q -p no:cacheprovider \
             tests/test_quantize.py tests/test_engine_speed.py

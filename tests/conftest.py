@@ -42,6 +42,15 @@ def _isolated_logging() -> Iterator[None]:
         logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
 
 
+@pytest.fixture(autouse=True)
+def _default_compile_stance() -> Iterator[None]:
+    """A compiled engine's warm-up sets dynamo's process-wide stance to eager_on_recompile; put it
+    back so the next test's compiled graphs compile as usual."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].compiler.set_stance("default")
+
+
 @pytest.fixture(scope="session")
 def moto_stack() -> Iterator[LocalStack]:
     stack = start_local_stack(bucket="test-bucket")

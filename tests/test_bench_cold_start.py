@@ -24,4 +24,5 @@ def test_cold_start_from_a_saved_folder_reaches_a_result(tmp_path: Path, capsys)
     assert run["model"] == "flux2-klein-4b-bf16"  # the real loading path, not MODEL=tiny
     assert 0 < run["to_ready_s"] < run["to_first_result_s"]
     assert run["first_job_s"] > 0 and run["load_s"] > 0
+    assert run["boot"]["weights_s"] > 0 and run["boot"]["compile_cache"] == "not compiled"  # CPU default
     assert "start -> first result" in capsys.readouterr().out

@@ -102,12 +102,34 @@ def test_an_injected_oom_is_recorded_and_ends_the_reference_series(bench, engine
     assert profile.recommendation.fits  # references are a limit, not a misfit
 
 
+def test_every_series_point_is_warmed_before_it_is_timed(bench, engines):
+    engine = OomAboveEngine(engines.klein)  # no budget: it only records the calls
+    argv = ["--model", "tiny", *SMALL, "--refs", "0,1", "--batches", "1", "--upscale-input", "0"]
+    args = bench.parse_args([*argv, "--output", "unused.json"])
+
+    profile = bench.run_benchmark(engine, engines.upscaler, args)
+
+    pixels = 128 * 128
+    resolution = [(0, pixels)] * 2  # one warm-up, --runs 1
+    # Then each reference count and each batch size: a warm-up call, then the timed one.
+    assert engine.calls == [
+        *resolution,
+        (0, pixels),
+        (0, pixels),
+        (1, pixels),
+        (1, pixels),
+        (0, pixels),
+        (0, pixels),
+    ]
+    assert all(r.latency_s and r.latency_s > 0 for r in profile.references)
+
+
 def test_exit_status_follows_fits(bench, engines, tmp_path, capsys):
     out = tmp_path / "nofit.json"
     engine = OomAboveEngine(engines.klein, max_pixels=128 * 128)
     argv = ["--model", "tiny", *SMALL, "--resolutions", "128x128,256x256", "--upscale-input", "0"]
 
-    assert bench.main([*argv, "--output", str(out)], engines=(engine, engines.upscaler)) == 3
+    assert bench.main([*argv, "--output", str(out)], engines=(engine, engines.upscaler, {})) == 3
 
     profile = load_profile(out)
     assert [r.oom for r in profile.resolutions] == [False, True]

@@ -122,9 +122,12 @@ def test_engine_images_equal_the_plain_pipeline(plain_images: np.ndarray) -> Non
         assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
 
 
-def test_compile_is_skipped_off_cuda() -> None:
-    engine = create_klein_engine(model="tiny", compile=True)
-    assert engine.compiled is False
+def test_compile_is_honoured_on_cpu() -> None:
+    # TORCH_COMPILE=true on a CPU: inductor's C++ backend (what the compile-cache tests run on).
+    # Compilation is lazy, so building the engine costs nothing more.
+    engine = create_klein_engine(model="tiny", compile=True, compile_sizes=((1, 64, 64),))
+    assert engine.compiled is True
+    assert engine.compile_sizes == ((1, 64, 64),)
 
 
 def test_regional_compilation_traces_whole_graphs(plain_images: np.ndarray) -> None:
@@ -136,20 +139,21 @@ def test_regional_compilation_traces_whole_graphs(plain_images: np.ndarray) -> N
     np.testing.assert_allclose(_pipeline_image(pipeline), plain_images, atol=1e-5)
 
 
-def test_compiled_warm_up_covers_the_shapes_jobs_bring() -> None:
-    # A graph compiled during a job stalls it for seconds to minutes (the boot pays them instead).
-    # backend="eager" runs dynamo's tracing and guards, which decide recompiles, without codegen.
+def test_after_warm_up_no_job_shape_compiles_anything() -> None:
+    # The warm-up compiles the served sizes only; then dynamo's stance makes any other shape run
+    # eager, so no job stalls on a recompile. backend="eager" runs dynamo's tracing and guards,
+    # which decide recompiles, without codegen.
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    engine = create_klein_engine(model="tiny")
+    engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
     compile_pipeline(engine.pipeline, backend="eager")
     engine.compiled = True
     engine.warm_up()
     after_warm_up = counters["stats"]["unique_graphs"]
     assert after_warm_up > 0
-    for batch, width, height in ((1, 1024, 1024), (4, 1024, 1024), (3, 768, 512), (1, 512, 1024)):
-        engine.generate(
+    for batch, width, height in ((1, 64, 64), (2, 64, 64), (3, 96, 64), (1, 64, 128)):
+        (image, *_) = engine.generate(
             prompts=["x"] * batch,
             seeds=list(range(batch)),
             references=[],
@@ -158,7 +162,8 @@ def test_compiled_warm_up_covers_the_shapes_jobs_bring() -> None:
             num_steps=1,
             guidance_scale=1.0,
         )
-        assert counters["stats"]["unique_graphs"] == after_warm_up, f"recompiled at {batch}x{width}x{height}"
+        assert image.size == (width, height)
+        assert counters["stats"]["unique_graphs"] == after_warm_up, f"compiled at {batch}x{width}x{height}"
 
 
 @pytest.mark.gpu
@@ -180,12 +185,20 @@ def test_gpu_benchmark_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixtur
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    assert bench.main(["--smoke", "--attention-backend", "native", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [stage["stage"] for stage in report["stages"]] == ["plain", "engine none"]
+    assert report["args"]["attention_backend"] == "native"  # both stages ran with it
     for stage in report["stages"]:
         assert stage["s_per_image"] > 0 and stage["images_per_s"] > 0
         assert stage["graphs_compiled_during_runs"] == 0
+        # Where one image's time went: each model timed around its own calls, the rest is "post".
+        parts = stage["stages_s"]
+        assert set(parts) == {"text_encoder", "denoise", "vae_decode", "post", "total"}
+        assert all(parts[name] > 0 for name in ("text_encoder", "denoise", "vae_decode"))
+        assert sum(
+            parts[name] for name in ("text_encoder", "denoise", "vae_decode", "post")
+        ) == pytest.approx(parts["total"], rel=0.05)
     assert [row["tile"] for row in report["upscale_x4"]] == [32, None]
     assert report["args"]["model"] == "tiny"
     assert "| engine none |" in capsys.readouterr().out  # the markdown table
@@ -226,3 +239,42 @@ def test_device_side_pil_conversion_is_bit_identical_to_diffusers(dtype: torch.d
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine.mode == reference.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference))
+
+
+def test_gpu_benchmark_compiled_stage_through_the_compile_cache(tmp_path: Path, monkeypatch) -> None:
+    # --compile-cache: the compiled stage runs the worker's boot step (lookup, compile, save).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored after the test
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--compile-backend", "eager", "--skip-plain", "--skip-upscale"]
+    assert bench.main([*argv, "--compile-cache", str(tmp_path / "cc"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [stage["stage"] for stage in report["stages"]] == ["engine none", "compiled none"]
+    boot = report["compile_boot"]
+    assert boot["compile_cache"] == "miss" and boot["cache_load_s"] >= 0 and boot["compile_s"] > 0
+    assert report["compile_warmup_s"] == pytest.approx(boot["compile_s"] + boot["warm_up_s"])
+
+
+def test_attention_backend_is_applied_and_a_wrong_name_is_a_boot_error() -> None:
+    from worker.boot import BootError, Variant, build_engines
+    from worker.config import Settings
+
+    engine = create_klein_engine(model="tiny", attention_backend="native")
+    processors = {
+        type(m.processor).__name__: m.processor
+        for m in engine.pipeline.transformer.modules()
+        if hasattr(m, "processor")
+    }
+    assert processors and all(p._attention_backend == "native" for p in processors.values())
+    (image,) = engine.generate(
+        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
+    )
+    assert image.size == (64, 64)
+
+    settings = Settings(model="tiny", device="cpu", attention_backend="cudnn-please")
+    with pytest.raises(
+        BootError, match="ATTENTION_BACKEND 'cudnn-please' is not a diffusers attention backend"
+    ):
+        build_engines(settings, Variant("tiny", "none", "cpu", "test"))

@@ -47,14 +47,20 @@ def test_healthz_ready_and_metrics_count_jobs(stack):
     try:
         base = f"http://127.0.0.1:{port}"
         status, body = _wait_for(f"{base}/healthz", lambda s, b: s == 200)
-        assert json.loads(body) == {
+        health = json.loads(body)
+        assert health == {
             "ready": True,
             "booted": True,
             "model_loaded": True,
             "queue_reachable": True,
-            "last_poll_age_s": json.loads(body)["last_poll_age_s"],
+            "last_poll_age_s": health["last_poll_age_s"],
             "receive_failures": 0,
+            "boot": health["boot"],
         }
+        # The boot phases, as in the ready log line (the tiny model is not compiled by default).
+        assert set(health["boot"]) == {"imports_s", "weights_s", "compile_cache", "warm_up_s"}
+        assert health["boot"]["compile_cache"] == "not compiled"
+        assert health["boot"]["imports_s"] > 0 and health["boot"]["warm_up_s"] > 0
         stack.client("s3").put_object(Bucket=stack.bucket, Key="m/in.png", Body=_png())
         send(
             stack,

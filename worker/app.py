@@ -132,7 +132,9 @@ def serve(settings: Settings) -> Runner:
             api_key=key,
         )
     if telemetry is not None:
-        telemetry.model_ready(time.perf_counter() - started, loaded=lambda: engines.klein is not None)
+        telemetry.model_ready(
+            time.perf_counter() - started, loaded=lambda: engines.klein is not None, boot=engines.boot
+        )
         hooks["on_event"] = telemetry.observe
     runner = build_runner(settings, engines=engines, **hooks)
     if telemetry is not None:

@@ -10,11 +10,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
 from handlers.dispatch import Engines
+from worker.compile_store import BundleStore, open_stores
 from worker.config import Quantization, Settings
 from worker.gpu import GIB, GpuInfo
 from worker.profile import BenchmarkProfile, ProfileError, load_profile
@@ -150,13 +151,17 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     """Create the engines. With PRELOAD_MODELS (the default) klein loads and runs its warm-up
     here, before the first job; without, the first generate job loads it. The upscaler always
     loads on demand."""
-    from handlers.engines.klein import KleinEngine, create_klein_engine
-    from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
-    from handlers.lora_files import LoraFiles
-
     started = time.perf_counter()
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
     compile_ = settings.torch_compile if settings.torch_compile is not None else variant.device == "cuda"
+    stores = compile_stores(settings, hf_home) if compile_ else []  # before torch: see compile_stores
+    from handlers.engines.klein import KleinEngine, create_klein_engine
+    from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
+    from handlers.engines.speed import UnknownAttentionBackend
+    from handlers.lora_files import LoraFiles
+    from worker import compile_boot
+
+    phases: dict[str, Any] = {"imports_s": round(time.perf_counter() - started, 2)}
 
     def load_klein() -> KleinEngine:
         loading = time.perf_counter()
@@ -173,10 +178,15 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
                 nunchaku_transformer=settings.nunchaku_transformer_path,
                 max_loras=settings.max_loras,
                 lora_max_rank=settings.lora_max_rank,
+                compile_sizes=settings.compile_shapes(),
+                attention_backend=settings.attention_backend,
             )
         except WEIGHT_LOAD_ERRORS as exc:
             raise BootError(weights_error(settings, variant, exc)) from exc
-        engine.warm_up()
+        phases["weights_s"] = round(time.perf_counter() - loading, 2)
+        compile_boot.warm_up(
+            engine, variant=variant.label, quantization=variant.quantization, stores=stores, phases=phases
+        )
         log.info("%s loaded in %.1f s", engine.name, time.perf_counter() - loading)
         return engine
 
@@ -192,7 +202,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     try:
         if settings.preload_models:
             engines = Engines(
-                klein=load_klein(), upscaler=upscaler, label=variant.label, lora_files=lora_files
+                klein=load_klein(), upscaler=upscaler, label=variant.label, lora_files=lora_files, boot=phases
             )
             fetch_upscaler_weights(upscaler)
         else:
@@ -208,23 +218,26 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
                 load_klein=load_klein,
                 label=variant.label,
                 lora_files=lora_files,
+                boot=phases,
             )
-    except UnsupportedQuantization as exc:
+    except (UnsupportedQuantization, UnknownAttentionBackend) as exc:
         raise BootError(f"{variant.label}: {exc}") from exc
     load_s = time.perf_counter() - started
     log.info(
-        "ready: %s on %s in %.1f s (%s)%s",
+        "ready: %s on %s in %.1f s (%s)%s; phases %s",
         variant.label,
         variant.device,
         load_s,
         variant.reason,
         "" if settings.preload_models else "; PRELOAD_MODELS=false: loads on the first generate job",
+        phases,
         extra={
             "job": {
                 "event": "ready",
                 "model": variant.label,
                 "load_s": round(load_s, 2),
                 "preloaded": settings.preload_models,
+                "boot": phases,
             }
         },
     )
@@ -307,3 +320,24 @@ def fetch_upscaler_weights(upscaler: Upscaler) -> None:
         upscaler.fetch()
     except JobError as exc:
         raise BootError(exc.message, transient=exc.retryable) from exc
+
+
+def compile_stores(settings: Settings, hf_home: Path) -> list[BundleStore]:
+    """COMPILE_CACHE's stores; inductor's own cache goes into the first folder unless
+    TORCHINDUCTOR_CACHE_DIR says otherwise. A bad COMPILE_CACHE value is a boot error. Runs
+    before torch is imported, since torch fixes its cache folder the first time it looks."""
+    from worker.compile_boot import use_inductor_cache_dir
+
+    def s3_client() -> Any:
+        import boto3
+
+        return boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+
+    try:
+        default_folder = hf_home / "klein-worker" / "compile-cache"
+        stores = open_stores(settings.compile_cache, default_folder=default_folder, s3_client=s3_client)
+    except ValueError as exc:
+        raise BootError(str(exc)) from exc
+    if not settings.torchinductor_cache_dir:
+        use_inductor_cache_dir(stores)
+    return stores

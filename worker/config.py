@@ -27,6 +27,23 @@ def _default_worker_id() -> str:
     return f"vast-{container}" if container else socket.gethostname()
 
 
+def parse_sizes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """``"1024x1024,768x1344:2"`` -> ((1, 1024, 1024), (2, 768, 1344)); a clear error otherwise."""
+    shapes = []
+    for item in (part.strip() for part in text.split(",")):
+        size, _, batch = item.partition(":")
+        width, _, height = size.lower().partition("x")
+        try:
+            shape = (int(batch or 1), int(width), int(height))
+        except ValueError:
+            raise ValueError(f"COMPILE_SIZES: {item!r} is not WIDTHxHEIGHT[:BATCH]") from None
+        # The job limits (SPEC section 2): a size no job can ask for is not worth compiling.
+        if not (1 <= shape[0] <= 64 and all(256 <= side <= 2048 and side % 16 == 0 for side in shape[1:])):
+            raise ValueError(f"COMPILE_SIZES: {item!r} needs sides 256..2048 in multiples of 16, batch 1..64")
+        shapes.append(shape)
+    return tuple(shapes)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -91,6 +108,14 @@ class Settings(BaseSettings):
     upscaler_keep_free_gb: float = Field(default=4.0, ge=0)
     # torch.compile of the transformer's repeated blocks and the VAE decoder; None = on for CUDA.
     torch_compile: bool | None = None
+    # Where compiled-engine bundles are kept (worker/compile_store.py): folders and/or s3://bucket/prefix,
+    # comma-separated; unset = $HF_HOME/klein-worker/compile-cache; "off" = compile every boot.
+    compile_cache: str | None = None
+    # The sizes the warm-up compiles, WxH[:BATCH] comma-separated; any other shape runs eager.
+    compile_sizes: str = "1024x1024"
+    torchinductor_cache_dir: str | None = None
+    # A diffusers attention backend for the transformer (e.g. _native_cudnn); unset = diffusers' default.
+    attention_backend: str | None = None
     nunchaku_transformer_path: str | None = None
 
     # This worker's $/h (the instance's price over the workers it runs): results then carry cost_usd.
@@ -100,6 +125,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     worker_id: str = Field(default_factory=_default_worker_id)
+
+    @field_validator("compile_sizes")
+    @classmethod
+    def _sizes(cls, v: str) -> str:
+        parse_sizes(v)
+        return v
+
+    def compile_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """COMPILE_SIZES as (batch, width, height) tuples."""
+        return parse_sizes(self.compile_sizes)
 
     @field_validator("log_level")
     @classmethod

@@ -100,14 +100,23 @@ class Telemetry:
         self.poll_failures: Callable[[], int] = lambda: 0
         self.booted = False
         self.loaded: Callable[[], bool] = lambda: False
+        self.boot: dict[str, Any] = {}  # boot phases and compile-cache state, as in the ready log line
         self._server: ThreadingHTTPServer | None = None
 
     # -- observations ------------------------------------------------------------------------
 
-    def model_ready(self, load_seconds: float, *, loaded: Callable[[], bool] | None = None) -> None:
+    def model_ready(
+        self,
+        load_seconds: float,
+        *,
+        loaded: Callable[[], bool] | None = None,
+        boot: dict[str, Any] | None = None,
+    ) -> None:
         """Boot is done and jobs can be taken. ``loaded`` says whether the generation model is in
-        memory (with PRELOAD_MODELS=false it loads with the first generate job); default: it is."""
+        memory (with PRELOAD_MODELS=false it loads with the first generate job); default: it is.
+        ``boot``: the boot phases (seconds) and compile-cache state, shown by /healthz."""
         self.model_load.set(load_seconds)
+        self.boot = boot if boot is not None else {}
         self.booted = True
         self.loaded = loaded or (lambda: True)
         self.model_loaded.set_function(lambda: 1.0 if self.loaded() else 0.0)
@@ -141,6 +150,7 @@ class Telemetry:
             "queue_reachable": queue_ok,
             "last_poll_age_s": None if age is None else round(age, 1),
             "receive_failures": failures,
+            "boot": self.boot,
         }
 
     # -- server ------------------------------------------------------------------------------

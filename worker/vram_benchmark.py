@@ -180,8 +180,9 @@ def measure_series(
     kind: str,
     size: tuple[int, int],
 ) -> list[dict[str, Any]]:
-    """Reference counts (kind "refs") or batch sizes ("batches") in increasing order, one run
-    each, until the first OOM, which is recorded and ends the series. Returns the points' fields."""
+    """Reference counts (kind "refs") or batch sizes ("batches") in increasing order, one warm-up
+    and one timed run each, until the first OOM, which is recorded and ends the series. Returns
+    the points' fields."""
     counts: list[int] = args.refs if kind == "refs" else args.batches
     images = reference_images(max(counts, default=0), args.ref_side) if kind == "refs" else []
     results = []
@@ -189,10 +190,17 @@ def measure_series(
         refs, batch = (images[:count], 1) if kind == "refs" else ([], count)
         fields: dict[str, Any] = {"count": count, "width": size[0], "height": size[1]}
         try:
-            latency, peak_torch, peak_nvml = generate_once(
-                engine, meter, size=size, batch=batch, references=refs, steps=args.steps
+            # Each point warmed before it is timed: a new shape's first call pays lazy init, cuDNN
+            # autotuning (and on a compiled engine the eager fallback's first run), not inference.
+            runs = [
+                generate_once(engine, meter, size=size, batch=batch, references=refs, steps=args.steps)
+                for _ in range(2)
+            ]
+            fields.update(
+                latency_s=round(runs[1][0], 4),
+                peak_torch_bytes=_max(run[1] for run in runs),
+                peak_nvml_bytes=_max(run[2] for run in runs),
             )
-            fields.update(latency_s=round(latency, 4), peak_torch_bytes=peak_torch, peak_nvml_bytes=peak_nvml)
         except torch.OutOfMemoryError:
             logger.warning("out of memory at %s %d at %s", kind, count, size_key(*size))
             fields["oom"] = True
@@ -238,12 +246,17 @@ def measure_upscaler(
     return results
 
 
-def run_benchmark(engine: KleinEngine, upscaler: Upscaler, args: argparse.Namespace) -> BenchmarkProfile:
-    """Every measurement on the loaded ``engine``, then the limits and the recommendation."""
+def run_benchmark(
+    engine: KleinEngine, upscaler: Upscaler, args: argparse.Namespace, *, compile_s: float | None = None
+) -> BenchmarkProfile:
+    """Every measurement on the loaded ``engine``, then the limits and the recommendation.
+
+    ``compile_s``: the boot already compiled and warmed the engine (through the compile cache) in
+    that time; else a compiled engine is warmed here, before anything is timed."""
     meter = Meter(engine.device)
     gpu = gpu_section(engine.device)
-    compile_warmup_s = None
-    if engine.compiled:  # pay the compile before anything is timed; the worker's boot does the same
+    compile_warmup_s = compile_s
+    if engine.compiled and compile_s is None:  # pay the compile before anything is timed, as boot does
         started = time.perf_counter()
         engine.warm_up()
         compile_warmup_s = round(time.perf_counter() - started, 2)

@@ -32,7 +32,13 @@ from handlers.engines.quantize import (
 from handlers.engines.quantize import Quantizer as Quantizer
 from handlers.engines.quantize import UnsupportedQuantization as UnsupportedQuantization
 from handlers.engines.quantize import quantizer_for as quantizer_for
-from handlers.engines.speed import compile_pipeline, enable_fast_math, fuse_qkv, truncate_text_encoder
+from handlers.engines.speed import (
+    compile_pipeline,
+    enable_fast_math,
+    fuse_qkv,
+    set_attention_backend,
+    truncate_text_encoder,
+)
 from handlers.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -56,13 +62,10 @@ MAX_REFERENCE_ASPECT = 8.0
 WARMUP_SIZE = 256
 WARMUP_STEPS = 1
 
-# warm_up() of a compiled engine: (batch, width, height). Batch 1 then 2, non-square, so the
-# shape-generic (dynamic=True) graphs are built at boot: dynamo specialises sizes 0/1 and equal
-# sizes, and each shape class it meets later would otherwise recompile during a job. Then the
-# serving size: the guards dynamo adds for the convolution backend choice are size thresholds
-# that the small shapes stay under, and on an H100 the first 1024x1024 call still compiled a
-# graph (BENCHMARKS.md); warmed here, that compile is boot time and not a job's.
-COMPILED_WARMUP: tuple[tuple[int, int, int], ...] = ((1, 512, 384), (2, 384, 512), (1, 1024, 1024))
+# What a compiled engine compiles by default (COMPILE_SIZES): (batch, width, height). Only these
+# shapes are compiled at boot; after the warm-up dynamo's stance turns a new shape into an eager
+# run (see ``KleinEngine.warm_up``), so no job ever waits on a compile.
+DEFAULT_COMPILE_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1024, 1024),)
 
 
 class KleinEngine:
@@ -78,10 +81,14 @@ class KleinEngine:
         max_sequence_length: int = REAL_MAX_SEQUENCE_LENGTH,
         compiled: bool = False,
         loras: LoraAdapters | None = None,
+        compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
+        attention_backend: str | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.attention_backend = attention_backend
         self.compiled = compiled
         self.loras = loras  # None: this worker takes no LoRA adapters (MAX_LORAS=0)
+        self.compile_sizes = tuple(compile_sizes)
         self.name = name
         self.device = device
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
@@ -136,8 +143,13 @@ class KleinEngine:
             return to_pil(output.images)
 
     def warm_up(self) -> None:
-        """Small generations, so the first job does not pay for lazy init, kernel selection or compiling."""
-        shapes = COMPILED_WARMUP if self.compiled else ((1, WARMUP_SIZE, WARMUP_SIZE),)
+        """Small generations, so the first job does not pay for lazy init, kernel selection or compiling.
+
+        A compiled engine runs exactly its ``compile_sizes`` (the first call compiles, or loads the
+        compiled graphs from the cache), then sets dynamo's stance to ``eager_on_recompile``: a job
+        at any other shape runs eager (slower, but at once) instead of stalling on a recompile.
+        """
+        shapes = self.compile_sizes if self.compiled else ((1, WARMUP_SIZE, WARMUP_SIZE),)
         for batch, width, height in shapes:
             self.generate(
                 prompts=["warm-up"] * batch,
@@ -148,6 +160,8 @@ class KleinEngine:
                 num_steps=WARMUP_STEPS,
                 guidance_scale=1.0,
             )
+        if self.compiled:
+            torch.compiler.set_stance("eager_on_recompile")
 
     def free_memory(self) -> None:
         """Drop dead tensors and return cached CUDA blocks (after an OOM, or between big jobs)."""
@@ -237,9 +251,11 @@ def create_klein_engine(
     cache_dir: str | None = None,
     dtype: torch.dtype | None = None,
     compile: bool = False,
+    compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     nunchaku_transformer: str | None = None,
     max_loras: int = 0,
     lora_max_rank: int = 64,
+    attention_backend: str | None = None,
 ) -> KleinEngine:
     """Build the engine for ``model`` ("tiny", "klein-4b", "klein-9b") on ``device``.
 
@@ -247,7 +263,7 @@ def create_klein_engine(
     variants load ``model_path`` or their hub id in bf16 (``cache_dir``: the hub cache, e.g.
     ``$HF_HOME/hub``); ``dtype`` overrides that (tests run a saved tiny folder in float32 on CPU).
     ``quantization`` "auto" must be resolved by boot first; every quantization problem is raised
-    before a weight loads. ``compile`` applies on CUDA only (see ``build_engine``).
+    before a weight loads. ``compile``: see ``build_engine``; ``compile_sizes``: what the warm-up compiles.
     ``nunchaku_transformer``: a nunchaku-quantized FLUX.2 transformer folder, for nunchaku-*.
     """
     if model not in MODELS:
@@ -286,6 +302,8 @@ def create_klein_engine(
         capability=capability,
         max_loras=max_loras,
         lora_max_rank=lora_max_rank,
+        compile_sizes=compile_sizes,
+        attention_backend=attention_backend,
     )
 
 
@@ -296,9 +314,11 @@ def build_engine(
     device: torch.device,
     quantization: str = "none",
     compile: bool = False,
+    compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
     capability: Capability | None = None,
     max_loras: int = 0,
     lora_max_rank: int = 64,
+    attention_backend: str | None = None,
 ) -> KleinEngine:
     """Make a loaded pipeline (on the CPU, or already on ``device``) the engine, in this order:
 
@@ -308,7 +328,8 @@ def build_engine(
     4. move to ``device``,
     5. LoRA adapter handling for ``max_loras`` per job (compiled: hotswap slots, which must exist
        before compiling; see ``handlers.engines.lora``),
-    6. compile the transformer blocks and the VAE decoder (CUDA and ``compile`` only).
+    6. compile the transformer blocks and the VAE decoder (with ``compile``; on a CPU inductor builds
+       C++, which serves the tests of the compiled path and the compile cache).
     """
     layers, max_length = prompt_settings(pipeline)
     pipeline.text_encoder = truncate_text_encoder(pipeline.text_encoder, max(layers))
@@ -318,7 +339,9 @@ def build_engine(
     if quantization in TORCHAO_QUANTIZATIONS:
         quantize_pipeline(pipeline, quantization, device=device, capability=capability)
     pipeline.to(device)
-    compiled = compile and device.type == "cuda" and not nunchaku
+    if attention_backend:  # after the QKV fusion, which rebuilds no processor but is done first anyway
+        set_attention_backend(pipeline.transformer, attention_backend)
+    compiled = compile and not nunchaku
     if device.type == "cuda":
         enable_fast_math()
     loras = create_lora_adapters(
@@ -326,8 +349,6 @@ def build_engine(
     )
     if compiled:
         compile_pipeline(pipeline)
-    elif compile:
-        logger.info("torch.compile skipped: it pays only on CUDA, the engine runs on %s", device)
     logger.info(
         "klein engine %s ready on %s (text layers %s, max %d tokens, compiled %s)",
         name,
@@ -344,6 +365,8 @@ def build_engine(
         max_sequence_length=max_length,
         compiled=compiled,
         loras=loras,
+        compile_sizes=compile_sizes,
+        attention_backend=attention_backend,
     )
 
 

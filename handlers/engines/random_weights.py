@@ -28,7 +28,7 @@ from diffusers import (
 )
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from handlers.engines.klein import REAL_MAX_SEQUENCE_LENGTH, KleinEngine, build_engine
+from handlers.engines.klein import DEFAULT_COMPILE_SIZES, REAL_MAX_SEQUENCE_LENGTH, KleinEngine, build_engine
 from handlers.engines.quantize import check_quantization, device_capability
 from handlers.engines.tiny import build_tiny_tokenizer
 from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler, random_realesrgan
@@ -146,6 +146,7 @@ def create_random_klein_engine(
     device: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     compile: bool = False,
+    compile_sizes: tuple[tuple[int, int, int], ...] = DEFAULT_COMPILE_SIZES,
 ) -> KleinEngine:
     """A ``KleinEngine`` over ``build_random_pipeline``, made by the worker's own ``build_engine``
     (text encoder truncation, fused QKV, quantization, compilation), so it measures what serves.
@@ -165,6 +166,7 @@ def create_random_klein_engine(
         device=target,
         quantization=quantization,
         compile=compile,
+        compile_sizes=compile_sizes,
         capability=capability,
     )
 

@@ -74,6 +74,28 @@ def fuse_qkv(transformer: Any) -> None:
     logger.info("fused QKV projections (%d unfused projections dropped)", dropped)
 
 
+class UnknownAttentionBackend(ValueError):
+    """ATTENTION_BACKEND names no diffusers backend (a boot error, not a crash)."""
+
+
+def set_attention_backend(transformer: Any, name: str) -> None:
+    """Route the transformer's attention through diffusers' backend ``name`` (ATTENTION_BACKEND).
+
+    At klein-4B's attention shape (1, 24, 4608, 128) PyTorch's default SDPA path reaches ~329
+    TFLOP/s on an H100 against ~631 for cuDNN attention (PyTorch issue 142132): ``_native_cudnn``
+    is the candidate, chosen by measurement (scripts/bench_gpu.py --attention-backend), not assumed.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = sorted(member.value for member in AttentionBackendName)
+    if name not in known:
+        raise UnknownAttentionBackend(
+            f"ATTENTION_BACKEND {name!r} is not a diffusers attention backend: {', '.join(known)}"
+        )
+    transformer.set_attention_backend(name)
+    logger.info("attention backend: %s", name)
+
+
 def enable_fast_math() -> None:
     """TF32 for any float32 matmul/conv left (the models run in bf16/fp16, so this is cheap
     insurance), and cuDNN autotuning: the VAE and the upscaler see few distinct shapes."""

@@ -1,0 +1,163 @@
+"""The compiled engine as a portable bundle: what makes a bundle fit this process, and the bytes.
+
+``torch.compiler.save_cache_artifacts()`` collects everything this process compiled (inductor's
+FX-graph cache entries with their Triton kernels, AOTAutograd entries); ``load_cache_artifacts()``
+puts them back into the local caches, so the warm-up finds every graph already compiled and only
+traces. A bundle is valid only for the exact setup that produced it, hence the key: the card and
+its compute capability, the torch/triton/diffusers/transformers/torchao versions, the variant and
+quantization, the compiled sizes, and a hash of the engine source that shapes the graphs.
+
+Format: ``MAGIC``, one JSON header line (the key, the artifacts' sha256, the compile time it
+saved), then the artifacts. The checksum catches a truncated or damaged file before torch unpickles
+it. Storage (folder, S3) is the worker's business: this module only makes and reads bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"KLEIN-COMPILE-BUNDLE 1\n"
+# The engine modules whose code decides which graphs get compiled (fusion, truncation, what is
+# compiled and how, the tiny architecture). Any edit there makes old bundles miss, never misfit.
+ENGINE_SOURCES = ("klein.py", "speed.py", "quantize.py", "tiny.py", "lora.py", "compile_cache.py")
+LIBRARIES = ("torch", "triton", "diffusers", "transformers", "torchao")
+
+
+class BundleError(ValueError):
+    """The bytes are not a usable bundle for this process (damaged, or made for another setup)."""
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    artifacts: int  # cache entries put back into the local caches
+    compile_s: float | None  # what the compile cost when the bundle was made
+
+
+def device_identity(device: torch.device) -> dict[str, str]:
+    """The card (name, compute capability), or the CPU's architecture: kernels are built for it."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"device": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
+    return {"device": "cpu", "capability": platform.machine()}
+
+
+def engine_source_hash() -> str:
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in ENGINE_SOURCES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def cache_key(
+    *,
+    device: torch.device,
+    variant: str,
+    quantization: str,
+    sizes: tuple[tuple[int, int, int], ...],
+    attention_backend: str | None = None,
+    dynamic: bool = True,
+    lora_slot: str = "none",
+) -> dict[str, str]:
+    """Everything a compiled graph depends on, as strings (compared field by field on load)."""
+    return {
+        **device_identity(device),
+        **{package: _version(package) for package in LIBRARIES},
+        "variant": variant,
+        "quantization": quantization,
+        "sizes": ",".join(f"{w}x{h}:{b}" for b, w, h in sizes),
+        "attention_backend": attention_backend or "default",
+        "dynamic": str(dynamic).lower(),  # shape-generic graphs (the worker's) or static ones
+        # The LoRA hotswap slot is part of every compiled Linear: MAX_LORAS x LORA_MAX_RANK shapes it.
+        "lora_slot": lora_slot,
+        "engine_source": engine_source_hash(),
+    }
+
+
+def bundle_name(key: dict[str, str]) -> str:
+    """A file/object name: readable variant, then a hash of the whole key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return f"{key['variant']}-{key['quantization']}-{digest}.bundle"
+
+
+def pack(key: dict[str, str], *, compile_s: float) -> bytes | None:
+    """This process's compile artifacts as a bundle; None when nothing was compiled."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    artifacts, info = saved
+    header = {
+        "key": key,
+        "sha256": hashlib.sha256(artifacts).hexdigest(),
+        "compile_s": round(compile_s, 2),
+        "entries": sum(len(v) for v in info.artifacts.values()),
+    }
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + artifacts
+
+
+def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
+    if not data.startswith(MAGIC):
+        raise BundleError("not a compile bundle (bad magic)")
+    line, sep, artifacts = data[len(MAGIC) :].partition(b"\n")
+    if not sep:
+        raise BundleError("truncated header")
+    try:
+        header = json.loads(line)
+    except ValueError as exc:
+        raise BundleError(f"unreadable header: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("key"), dict):
+        raise BundleError("header has no key")
+    if hashlib.sha256(artifacts).hexdigest() != header.get("sha256"):
+        raise BundleError("checksum mismatch (truncated or damaged)")
+    return header, artifacts
+
+
+def load(data: bytes, key: dict[str, str]) -> LoadedBundle:
+    """Put a bundle's artifacts into this process's compile caches, or raise ``BundleError``."""
+    header, artifacts = read_header(data)
+    different = [
+        f"{field} {header['key'].get(field)!r} != {value!r}"
+        for field, value in key.items()
+        if header["key"].get(field) != value
+    ]
+    if different:
+        raise BundleError("made for another setup: " + "; ".join(different))
+    try:
+        info = torch.compiler.load_cache_artifacts(artifacts)
+    except Exception as exc:  # torch unpickles the payload: a bad one raises anything
+        raise BundleError(f"torch could not load it: {type(exc).__name__}: {exc}") from exc
+    if info is None:  # torch logs why (a damaged payload) and loads nothing
+        raise BundleError("torch could not read the artifacts")
+    entries = sum(len(v) for v in info.artifacts.values())
+    compile_s = header.get("compile_s")
+    return LoadedBundle(entries, float(compile_s) if isinstance(compile_s, int | float) else None)
+
+
+def compile_counts() -> dict[str, int]:
+    """Graphs inductor compiled in this process, and those it took from a cache (local or bundle)."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {
+        "graphs_compiled": int(inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"]),
+        "graphs_from_cache": int(inductor["fxgraph_cache_hit"]),
+        "dynamo_graphs": int(counters["stats"]["unique_graphs"]),
+    }

@@ -1,0 +1,237 @@
+"""COMPILE_CACHE: a compiled engine is built once per setup, then loaded by every later boot.
+
+The end-to-end test runs real worker processes with TORCH_COMPILE=true on the CPU (inductor's C++
+backend) at the smallest compiled size, through a folder and an S3 bucket on the moto server. The
+other tests check the bundle and the stores in-process, without compiling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import results, s3_image, send, spawn_worker
+from worker.compile_store import FolderStore, S3Store, fetch, open_stores
+from worker.local import LocalStack
+
+COMPILED = "256x256"  # the smallest size a job may ask for: CPU compiles are slow
+
+
+def _job(stack: LocalStack, job_id: str, width: int, height: int) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "type": "generate",
+        "input": {
+            "prompts": ["a lighthouse"],
+            "upload_urls": [stack.presign_put(f"{job_id}.png", "image/png")],
+            "width": width,
+            "height": height,
+            "seed": 7,
+        },
+    }
+
+
+def _boot_once(stack: LocalStack, job_id: str, cache: str, width: int = 256) -> tuple[dict[str, Any], dict]:
+    """One worker process: it boots, serves one job, is stopped. Returns its ready entry and result."""
+    send(stack, _job(stack, job_id, width, 256))
+    proc = spawn_worker(stack, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_SIZES=COMPILED)
+    try:
+        (result,) = results(stack, expected=1, wait=20) or [None]
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=120)
+    ready = [json.loads(line) for line in stderr.splitlines() if '"event": "ready"' in line]
+    assert ready and result is not None, stderr[-4000:]
+    return ready[0]["boot"], result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two CPU inductor boots: ~2-4 min on an idle 2-core box, more under load
+def test_the_second_worker_loads_the_compiled_engine_from_s3_and_compiles_nothing(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each boot gets its own folder (and inductor's own caches inside it): the second machine
+    # shares nothing with the first but the S3 bundle.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    prefix = f"compile/{uuid.uuid4().hex[:8]}"
+    remote = f"s3://{stack.bucket}/{prefix}"
+
+    first, result = _boot_once(stack, "first", f"{tmp_path / 'a'},{remote}")
+    assert first["compile_cache"] == "miss"
+    assert first["graphs_compiled"] > 0 and first["graphs_from_cache"] == 0
+    (bundle,) = (tmp_path / "a").glob("*.bundle")
+    listed = stack.client("s3").list_objects_v2(Bucket=stack.bucket, Prefix=prefix)["Contents"]
+    assert [obj["Key"] for obj in listed] == [f"{prefix}/{bundle.name}"]
+    assert result["status"] == "succeeded", result
+
+    # A job at a size that was not compiled runs eager on the second worker: it still succeeds.
+    second, result = _boot_once(stack, "second", f"{tmp_path / 'b'},{remote}", width=320)
+    assert second["compile_cache"] == "hit"
+    assert second["graphs_compiled"] == 0
+    assert second["graphs_from_cache"] == first["graphs_compiled"]
+    assert (tmp_path / "b" / bundle.name).read_bytes() == bundle.read_bytes()  # kept on local disk
+    assert result["status"] == "succeeded", result
+    image, _, _ = s3_image(stack, "second.png")
+    assert image.size == (320, 256)
+    for phase in ("imports_s", "weights_s", "cache_load_s", "compile_s", "warm_up_s"):
+        assert second[phase] >= 0, phase
+
+
+def _key(**change: str) -> dict[str, str]:
+    key = {"device": "cpu", "capability": "x86_64", "torch": "2.x", "variant": "flux2-klein-tiny"}
+    key.update(quantization="none", sizes="64x64:1", engine_source="abc")
+    return {**key, **change}
+
+
+def _bundle(key: dict[str, str], payload: bytes = b"artifacts") -> bytes:
+    import hashlib
+
+    from handlers.engines.compile_cache import MAGIC
+
+    header = {"key": key, "sha256": hashlib.sha256(payload).hexdigest(), "compile_s": 12.0}
+    return MAGIC + json.dumps(header).encode() + b"\n" + payload
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "bad magic"),
+        (b"PK\x03\x04 a zip file", "bad magic"),
+        (_bundle(_key())[:-3], "checksum mismatch"),
+        (_bundle(_key()).replace(b"artifacts", b"ARTIFACTS"), "checksum mismatch"),
+        (_bundle(_key(torch="2.0")), "torch '2.0' != '2.x'"),
+        (_bundle(_key(engine_source="old")), "engine_source 'old' != 'abc'"),
+        (_bundle(_key()), "torch could not"),  # right key, payload torch cannot read
+    ],
+)
+def test_a_damaged_or_foreign_bundle_is_refused_with_the_reason(data: bytes, reason: str) -> None:
+    from handlers.engines.compile_cache import BundleError, load
+
+    with pytest.raises(BundleError, match=reason.replace("(", r"\(")):
+        load(data, _key())
+
+
+def test_the_key_names_the_setup_and_the_sizes() -> None:
+    from importlib import metadata
+
+    import torch
+
+    from handlers.engines.compile_cache import bundle_name, cache_key
+
+    key = cache_key(
+        device=torch.device("cpu"), variant="flux2-klein-tiny", quantization="none", sizes=((1, 64, 64),)
+    )
+    assert key["device"] == "cpu" and key["torch"] == metadata.version("torch")
+    assert key["sizes"] == "64x64:1" and len(key["engine_source"]) == 16
+    other = cache_key(
+        device=torch.device("cpu"), variant="flux2-klein-tiny", quantization="none", sizes=((2, 64, 64),)
+    )
+    assert bundle_name(key) != bundle_name(other)
+    assert bundle_name(key).startswith("flux2-klein-tiny-none-")
+
+
+def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The boot path itself, with dynamo's eager backend standing in for inductor (no codegen).
+    import torch
+
+    from handlers.engines.compile_cache import bundle_name, cache_key
+    from handlers.engines.klein import create_klein_engine
+    from handlers.engines.speed import compile_pipeline
+    from worker import compile_boot
+
+    torch._dynamo.reset()
+    engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
+    compile_pipeline(engine.pipeline, backend="eager")
+    engine.compiled = True
+    key = cache_key(
+        device=engine.device, variant="flux2-klein-tiny", quantization="none", sizes=((1, 64, 64),)
+    )
+    (tmp_path / bundle_name(key)).write_bytes(_bundle(key)[:-1])  # truncated
+    phases: dict[str, Any] = {}
+
+    with caplog.at_level(logging.INFO):
+        compile_boot.warm_up(
+            engine,
+            variant="flux2-klein-tiny",
+            quantization="none",
+            stores=[FolderStore(tmp_path)],
+            phases=phases,
+        )
+
+    assert phases["compile_cache"] == "miss" and phases["compile_s"] > 0 and phases["warm_up_s"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checksum mismatch" in w and "compiling instead" in w for w in warnings), warnings
+    assert any("cache miss" in r.getMessage() for r in caplog.records)
+    (image,) = engine.generate(
+        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
+    )
+    assert image.size == (64, 64)
+
+
+def test_stores_from_compile_cache(tmp_path: Path) -> None:
+    default = tmp_path / "default"
+    (only,) = open_stores(None, default_folder=default)
+    assert isinstance(only, FolderStore) and only.root == default
+    assert open_stores("off", default_folder=default) == []
+    stores = open_stores("s3://bucket/some/prefix", default_folder=default, s3_client=lambda: object())
+    assert [s.description for s in stores] == [str(default), "s3://bucket/some/prefix"]
+    mine = tmp_path / "mine"
+    assert [s.description for s in open_stores(f" {mine} ", default_folder=default)] == [str(mine)]
+    with pytest.raises(ValueError, match="COMPILE_CACHE: 'http://x/y'"):
+        open_stores("http://x/y", default_folder=default)
+
+
+def test_an_s3_hit_is_copied_to_the_local_folder(stack: LocalStack, tmp_path: Path) -> None:
+    s3 = stack.client("s3")
+    remote = S3Store(s3, stack.bucket, f"cc-{uuid.uuid4().hex[:8]}/")
+    local = FolderStore(tmp_path / "local")
+    assert fetch([local, remote], "b.bundle").data is None  # a miss everywhere is no error
+    remote.put("b.bundle", b"bytes")
+
+    found = fetch([local, remote], "b.bundle")
+
+    assert (found.data, found.source) == (b"bytes", remote.description)
+    assert local.get("b.bundle") == b"bytes"
+    assert fetch([local, remote], "b.bundle").source == local.description
+
+
+def test_an_unreachable_store_is_a_warning_and_a_miss(
+    stack: LocalStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = S3Store(stack.client("s3"), "no-such-bucket-here", "x")
+    local = FolderStore(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert fetch([gone, local], "b.bundle").data is None
+    assert any("s3://no-such-bucket-here/x unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_compile_cache_value_is_a_boot_error(tmp_path: Path) -> None:
+    from worker.boot import BootError, compile_stores
+    from worker.config import Settings
+
+    with pytest.raises(BootError, match="neither a folder nor s3://bucket/prefix"):
+        compile_stores(Settings(compile_cache="ftp://host/x"), tmp_path)
+
+
+@pytest.mark.parametrize("text", ["1024", "1024x1000", "512x512:0", "axb", "4096x1024", "64x64"])
+def test_compile_sizes_are_checked_naming_the_variable(text: str) -> None:
+    from pydantic import ValidationError
+
+    from worker.config import Settings
+
+    with pytest.raises(ValidationError, match="COMPILE_SIZES"):
+        Settings(compile_sizes=text)
+
+
+def test_compile_sizes_parse() -> None:
+    from worker.config import Settings
+
+    assert Settings().compile_shapes() == ((1, 1024, 1024),)
+    assert Settings(compile_sizes="768x1344:2, 256x256").compile_shapes() == ((2, 768, 1344), (1, 256, 256))

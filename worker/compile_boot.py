@@ -1,0 +1,132 @@
+"""Boot's compile step: look the engine's bundle up, compile (or load), save after a miss, warm up.
+
+The order (issue 10): weights are loaded and the compile wrappers are in place but nothing is
+compiled yet; the bundle for this exact setup is fetched from COMPILE_CACHE and loaded into torch's
+caches; the warm-up then compiles the served sizes, finding every graph in the cache on a hit; after
+a miss (or a bundle that lacked graphs) the new bundle is saved to every store. A missing, damaged
+or mismatched bundle is one warning and a normal compile.
+
+Each phase's seconds land in ``phases`` for the ``ready`` log line and /healthz.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from worker.compile_store import BundleStore, FolderStore, fetch, publish
+
+if TYPE_CHECKING:
+    from handlers.engines.klein import KleinEngine
+
+log = logging.getLogger(__name__)
+
+# What a first compile costs, for the log line before it (BENCHMARKS.md): 4B BF16 on an H100 170 s;
+# the tiny model with inductor's C++ backend on a 2-core CPU ~80 s. Keyed by "on CUDA".
+FIRST_COMPILE_ESTIMATE_S = {True: 170, False: 80}
+
+
+def _sizes_text(sizes: tuple[tuple[int, int, int], ...]) -> str:
+    return ", ".join(f"{w}x{h} batch {b}" for b, w, h in sizes)
+
+
+def warm_up(
+    engine: KleinEngine,
+    *,
+    variant: str,
+    quantization: str,
+    stores: list[BundleStore],
+    phases: dict[str, Any],
+    dynamic: bool = True,
+) -> None:
+    """Warm ``engine`` up, through the compile cache when it is compiled; fills ``phases``.
+    ``dynamic``: how its regions were compiled (the worker: shape-generic), part of the key."""
+    if not engine.compiled:
+        started = time.perf_counter()
+        engine.warm_up()
+        phases.update(compile_cache="not compiled", warm_up_s=round(time.perf_counter() - started, 2))
+        return
+    from handlers.engines import compile_cache
+
+    key = compile_cache.cache_key(
+        device=engine.device,
+        variant=variant,
+        quantization=quantization,
+        sizes=engine.compile_sizes,
+        attention_backend=engine.attention_backend,
+        dynamic=dynamic,
+        lora_slot=lora_slot(engine),
+    )
+    name = compile_cache.bundle_name(key)
+    started = time.perf_counter()
+    found = fetch(stores, name)
+    loaded = None
+    if found.data is not None:
+        try:
+            loaded = compile_cache.load(found.data, key)
+        except compile_cache.BundleError as exc:
+            log.warning("compile cache: %s from %s ignored (%s); compiling instead", name, found.source, exc)
+    phases["cache_load_s"] = round(time.perf_counter() - started, 2)
+    state = f"hit from {found.source}" if loaded else ("off" if not stores else "miss")
+    if loaded and loaded.compile_s:
+        estimate = f"~{loaded.compile_s:.0f} s when it was compiled, far less from the cache"
+    else:
+        estimate = f"~{FIRST_COMPILE_ESTIMATE_S[engine.device.type == 'cuda']} s"
+    sizes = _sizes_text(engine.compile_sizes)
+    log.info("compiling %s for %s, cache %s, %s", engine.name, sizes, state, estimate)
+
+    started = time.perf_counter()
+    engine.warm_up()  # the first pass compiles (or loads from the cache) every served size
+    compile_s = time.perf_counter() - started
+    counts = compile_cache.compile_counts()
+    log.info(
+        "compiled in %.1f s: %d graphs compiled, %d from the cache",
+        compile_s,
+        counts["graphs_compiled"],
+        counts["graphs_from_cache"],
+    )
+    phases.update(compile_cache="hit" if loaded else state, compile_s=round(compile_s, 2), **counts)
+    if stores and (loaded is None or counts["graphs_compiled"]):
+        save(stores, name, key, compile_s=compile_s, phases=phases)
+
+    started = time.perf_counter()
+    engine.warm_up()  # a second pass: kernel selection and allocator warm, nothing left to compile
+    phases["warm_up_s"] = round(time.perf_counter() - started, 2)
+
+
+def save(
+    stores: list[BundleStore], name: str, key: dict[str, str], *, compile_s: float, phases: dict[str, Any]
+) -> None:
+    from handlers.engines import compile_cache
+
+    started = time.perf_counter()
+    data = compile_cache.pack(key, compile_s=compile_s)
+    if data is None:
+        log.warning("compile cache: torch returned no artifacts to save")
+        return
+    written = publish(stores, name, data)
+    phases["cache_save_s"] = round(time.perf_counter() - started, 2)
+    if written:
+        log.info("compile cache: %s (%.1f MiB) saved to %s", name, len(data) / 2**20, ", ".join(written))
+
+
+def use_inductor_cache_dir(stores: list[BundleStore]) -> None:
+    """Keep inductor's own caches (on a CPU the built C++ libraries, on CUDA Triton's) in the
+    first local folder's ``inductor/``, on the instance disk: a restart of the same machine then
+    skips even the C++/PTX builds a bundle cannot carry. Called before torch is imported (torch
+    fills in its default the first time it looks), and only when TORCHINDUCTOR_CACHE_DIR is unset
+    (the image sets its own): inductor takes its cache folder from the environment only."""
+    for store in stores:
+        if isinstance(store, FolderStore):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(store.root / "inductor")
+            return
+
+
+def lora_slot(engine: KleinEngine) -> str:
+    """The hotswap slot compiled into the transformer (``MAX_LORAS`` x ``LORA_MAX_RANK``), or none."""
+    loras = engine.loras
+    if loras is None or not loras.hotswap or loras.unsupported:
+        return "none"
+    return f"{loras.max_loras}x{loras.max_rank}"
