@@ -135,6 +135,29 @@ def test_the_key_names_the_setup_and_the_sizes() -> None:
     assert bundle_name(key).startswith("flux2-klein-tiny-none-")
 
 
+def test_the_lora_hotswap_slot_is_part_of_the_key() -> None:
+    # The slot is compiled into every Linear of the transformer: a bundle made with MAX_LORAS=0, or
+    # another LORA_MAX_RANK, holds other graphs and must miss, not load.
+    from handlers.engines.compile_cache import bundle_name, cache_key
+    from handlers.engines.klein import create_klein_engine
+    from worker.compile_boot import lora_slot
+
+    slotted = create_klein_engine(model="tiny", compile=True, max_loras=2, lora_max_rank=8)
+    plain = create_klein_engine(model="tiny", compile=True, max_loras=0)
+    assert (lora_slot(slotted), lora_slot(plain)) == ("2x8", "none")
+    keys = [
+        cache_key(
+            device=e.device,
+            variant="flux2-klein-tiny",
+            quantization="none",
+            sizes=e.compile_sizes,
+            lora_slot=slot,
+        )
+        for e, slot in ((slotted, lora_slot(slotted)), (plain, lora_slot(plain)))
+    ]
+    assert keys[0]["lora_slot"] == "2x8" and bundle_name(keys[0]) != bundle_name(keys[1])
+
+
 def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
