@@ -53,6 +53,9 @@ _FLEET_OPTIONS: dict[str, Any] = {
     "cold_pool": Annotated[
         int | None, typer.Option(help="Stopped instances kept to resume instead of renting (0: none).")
     ],
+    "cold_mult": Annotated[
+        float | None, typer.Option(help="Or this many stopped per live instance, when more (0: off).")
+    ],
     "max_price_per_gpu_hour": Annotated[
         float | None, typer.Option(help="Skip offers above this $/GPU-hour.")
     ],

@@ -43,7 +43,8 @@ class PolicyConfig:
     max_per_host: int = 2
     images_per_job: float = 1.0  # average images per job (batches), to turn images/s into jobs/s
     manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard, no cold pool
-    cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py)
+    cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py): the floor
+    cold_mult: float = 0.0  # ... or this many per live instance, when more (coldpool.pool_size)
     cold_max_age_s: float = 6 * 3600.0  # a cold instance stopped longer than this is destroyed
     resume_deadline_s: float = 300.0  # a resume not running by then is destroyed and a rent made
     fill_cold_pool: bool = True  # when demand is met, rent to fill the pool (they boot, then stop)
@@ -128,7 +129,11 @@ def decide(
         cold_since=obs.cold_since,
         now=obs.now,
         max_age_s=config.cold_max_age_s,
-        pool_size=config.cold_pool,
+        # Beyond what the pool could ever grow to; below that it shrinks by age (the stopped instances are
+        # the memory of the last peak: a burst every 90 minutes finds its fleet still stopped).
+        pool_size=coldpool.pool_ceiling(
+            config.cold_pool, config.cold_mult, max_instances=config.max_instances
+        ),
         worst_first=worst_first,
     ):
         destroys.append(Destroy(instance=inst, reason=why))
@@ -142,7 +147,11 @@ def decide(
             keep = fleet.capacity
         leaving = _scale_in_order(fleet, throughput, obs.now, config)[: max(0, fleet.capacity - keep)]
         expiring = len(destroys) - len(fleet.failed)
-        room = 0 if config.manual else config.cold_pool - (len(fleet.cold) - expiring)
+        # Relative to the fleet before it shrinks: stopping a burst's fleet keeps it for the next burst.
+        pool = coldpool.pool_size(
+            config.cold_pool, config.cold_mult, live=len(fleet.live), max_instances=config.max_instances
+        )
+        room = 0 if config.manual else pool - (len(fleet.cold) - expiring)
         stops, scrap = coldpool.split_scale_in(leaving, phases=fleet.phases, room=room)
         destroys += [Destroy(instance=i, reason="scale_in") for i in scrap]
     hourly_after = _fit_budget(fleet, destroys, stops, throughput, obs.now, config, notes)
@@ -162,6 +171,8 @@ def decide(
     if want <= 0 and not config.manual and config.fill_cold_pool:
         cold_after = len(fleet.cold) + len(stops) - sum(1 for d in destroys if d.instance in fleet.cold)
         want = min(
+            # Rents fill the floor only: filling to cold_mult x the fleet would rent (and store) for peaks
+            # that may never come; stops grow the pool to the peaks that did.
             coldpool.to_fill(config.cold_pool, cold=cold_after, live=remaining),
             config.max_instances - remaining,
         )

@@ -237,7 +237,7 @@ def test_autoscale_stops_into_the_cold_pool_resumes_it_and_status_shows_it(cli, 
         for _ in range(3)
     ]
     empty = queue(0)
-    out = cli("--cold-pool", "1", "autoscale", "--once", "--queue-url", empty, **fast)
+    out = cli("--cold-pool", "1", "--cold-mult", "0", "autoscale", "--once", "--queue-url", empty, **fast)
     assert out.count("stopped") >= 1 and out.count("destroyed") == 2
     (cold,) = fake.instances
     assert cold in ids and fake.instances[cold]["actual_status"] == "stopped"
