@@ -215,6 +215,9 @@ def autoscale(
     once: Annotated[bool, typer.Option("--once", help="One tick, then exit (for cron).")] = False,
     interval: Annotated[float | None, typer.Option(help="Seconds between ticks.")] = None,
     dry_run: DryRun = False,
+    retry_image: Annotated[
+        bool, typer.Option("--retry-image", help="Rent again after an unpullable image was fixed.")
+    ] = False,
 ) -> None:
     """Follow the queue: sample, decide, rent/destroy; forever, or once."""
     opts = _options(ctx)
@@ -223,6 +226,8 @@ def autoscale(
         scaler = compose.autoscaler(s, persist=not dry_run)
     except ValueError as exc:
         _fail(opts.console, str(exc), code=2)
+    if retry_image:
+        scaler.retry_image()
     if dry_run:
         _print_launch(opts)
     if once:

@@ -62,6 +62,7 @@ class Observation:
     resumed: Mapping[int, float] = field(default_factory=dict)  # instance id -> resume asked at
     cold_since: Mapping[int, float] = field(default_factory=dict)  # instance id -> stopped at
     last_ready: Mapping[int, float] | None = None  # id -> last /healthz 200; None: readiness not probed
+    image_hold: str = ""  # the status_msg that showed config.image cannot be pulled: no rents until cleared
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +88,7 @@ class Decision:
     notes: tuple[str, ...] = ()
     stops: tuple[Instance, ...] = ()  # into the cold pool
     resumes: tuple[Instance, ...] = ()  # out of the cold pool, before any rent
+    image_hold: str = ""  # why rents of this image are held (Observation.image_hold, or seen now)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -178,8 +180,16 @@ def decide(
         )
         if want > 0:
             notes.append(f"filling the cold pool: {want} more to boot, then stop")
-    if any(p is Phase.UNPULLABLE for p in fleet.phases.values()):
-        notes.append("the image cannot be pulled (see status_msg): no rents this tick")
+    # Another rent would pull the same image and fail the same way: hold every rent until the image
+    # changes (the hold is kept per image) or an operator clears it (`autoscale --retry-image`).
+    hold = next(
+        (i.status_msg for i in obs.instances if fleet.phases.get(i.id) is Phase.UNPULLABLE), obs.image_hold
+    )
+    if hold:
+        notes.append(
+            f"rents held: the image {config.image} cannot be pulled ({hold[:200]}); held until the "
+            "image changes or `autoscale --retry-image` after fixing it"
+        )
         want = len(resumes)  # resumes only: their disks hold the image already
     rents = _scale_out(fleet, ranked, want - len(resumes), budget, config, notes)
     picked = {r.offer.id for r in rents}
@@ -199,6 +209,7 @@ def decide(
         notes=tuple(notes),
         stops=tuple(stops),
         resumes=tuple(resumes),
+        image_hold=hold,
     )
 
 

@@ -251,3 +251,36 @@ def test_autoscale_stops_into_the_cold_pool_resumes_it_and_status_shows_it(cli, 
     assert fake.rent_bodies == []  # resumed, not rented
     state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
     assert str(cold) in state["resumed"] and state["cold_since"] == {}
+
+
+def test_an_unpullable_image_holds_rents_across_ticks_until_retried_or_changed(cli, fake, queue):
+    for _ in range(4):
+        fake.add_offer()
+    busy = queue(30)
+
+    def unpullable() -> int:
+        iid = fake.add_instance(
+            label="klein", image_uuid=IMAGE, actual_status="loading", start_date=fake.clock()
+        )
+        fake.set_status(iid, "loading", f"Error response from daemon: manifest for {IMAGE} not found")
+        return iid
+
+    bad = unpullable()
+    out = cli("autoscale", "--once", "--queue-url", busy)
+    assert "rents held" in out and "not found" in out and bad not in fake.instances
+    # The unpullable instance is gone, but a rent would pull the same image: still held, and said so.
+    out = cli("autoscale", "--once", "--queue-url", busy)
+    assert "rents held" in out and "--retry-image" in out and fake.rent_bodies == []
+    assert "rents held" in cli("status", "--queue-url", busy)
+    # Another image is not held: the hold is kept per image.
+    out = cli("autoscale", "--once", "--queue-url", busy, "--max", "1", KLEIN_FLEET_IMAGE=IMAGE + "-fixed")
+    assert "rents held" not in out and [b["image"] for b in fake.rent_bodies] == [IMAGE + "-fixed"]
+    # Held again for the same image; the operator fixes it (same tag) and says so: rents resume.
+    for iid in list(fake.instances):
+        del fake.instances[iid]
+    unpullable()
+    assert "rents held" in cli("autoscale", "--once", "--queue-url", busy)
+    assert "rents held" in cli("autoscale", "--once", "--queue-url", busy) and len(fake.rent_bodies) == 1
+    out = cli("autoscale", "--once", "--queue-url", busy, "--retry-image")
+    assert "rents held" not in out and len(fake.rent_bodies) > 1
+    assert all(b["image"] == IMAGE for b in fake.rent_bodies[1:])
