@@ -57,14 +57,15 @@ def expired(
 
 
 def split_scale_in(
-    leaving: Sequence[Instance], *, phases: Mapping[int, Phase], room: int
+    leaving: Sequence[Instance], *, phases: Mapping[int, Phase], room: int, keep_booting: bool = True
 ) -> tuple[list[Instance], list[Instance]]:
     """(stop, destroy) for instances leaving, ordered worst first: the best ``room`` running on-demand
-    ones are stopped (a bid cannot be resumed at will). Booting ones that still fit in the pool are
-    neither: they stay until they run (a disk still being filled is worth nothing stopped)."""
+    ones are stopped (a bid cannot be resumed at will). With ``keep_booting``, booting ones that still
+    fit in the pool are neither: they stay until they run (a disk still being filled is worth nothing
+    stopped)."""
     stoppable = [i for i in leaving if phases.get(i.id) is Phase.RUNNING and not i.is_bid]
     stop = stoppable[max(0, len(stoppable) - room) :] if room > 0 else []
-    left = room - len(stop)
+    left = room - len(stop) if keep_booting else 0
     booting = [i for i in leaving if phases.get(i.id) is Phase.BOOTING and not i.is_bid]
     wait = booting[max(0, len(booting) - left) :] if left > 0 else []
     kept = {i.id for i in stop} | {i.id for i in wait}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from provisioning import coldpool
 from provisioning.autoscale import Autoscaler
 from provisioning.backlog import SqsBacklog, make_sqs_client
 from provisioning.config import FleetSettings
@@ -45,6 +46,11 @@ def autoscaler(
             max_instances=manual_size,
             manual=True,
             max_rents_per_tick=max(1, manual_size),
+            # The pool as autoscale may hold it at most: pinning the size must not destroy a pool that
+            # a burst grew (the pool is relative to the fleet's max_instances, not to N).
+            cold_pool=coldpool.pool_ceiling(
+                policy.cold_pool, policy.cold_mult, max_instances=policy.max_instances
+            ),
         )
     vast = vast_client(settings)
     reconciler = None

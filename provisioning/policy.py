@@ -42,7 +42,7 @@ class PolicyConfig:
     max_rents_per_tick: int = 4  # scale-out rate limit
     max_per_host: int = 2
     images_per_job: float = 1.0  # average images per job (batches), to turn images/s into jobs/s
-    manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard, no cold pool
+    manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard, no pool fill
     cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py): the floor
     cold_mult: float = 0.0  # ... or this many per live instance, when more (coldpool.pool_size)
     cold_max_age_s: float = 6 * 3600.0  # a cold instance stopped longer than this is destroyed
@@ -153,8 +153,11 @@ def decide(
         pool = coldpool.pool_size(
             config.cold_pool, config.cold_mult, live=len(fleet.live), max_instances=config.max_instances
         )
-        room = 0 if config.manual else pool - (len(fleet.cold) - expiring)
-        stops, scrap = coldpool.split_scale_in(leaving, phases=fleet.phases, room=room)
+        room = pool - (len(fleet.cold) - expiring)
+        # `scale --to` is one call: a booting instance kept to stop later would never be stopped.
+        stops, scrap = coldpool.split_scale_in(
+            leaving, phases=fleet.phases, room=room, keep_booting=not config.manual
+        )
         destroys += [Destroy(instance=i, reason="scale_in") for i in scrap]
     hourly_after = _fit_budget(fleet, destroys, stops, throughput, obs.now, config, notes)
 

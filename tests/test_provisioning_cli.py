@@ -149,6 +149,32 @@ def test_scale_to_n_and_back(cli, fake, queue):
     assert out.count("destroyed") == 2 and fake.instances == {}
 
 
+def test_scale_to_n_stops_into_the_cold_pool_and_resumes_before_renting(cli, fake, queue):
+    url = queue(0)
+    fake.add_offer()
+    ids = [
+        fake.add_instance(
+            label="klein", image_uuid=IMAGE, actual_status="running", start_date=fake.clock() - 60
+        )
+        for _ in range(5)
+    ]
+    # A pool floor of 1, but cold_mult 2.5 over --max 5: everything leaving fits, nothing is destroyed.
+    pool = ("--cold-pool", "1", "--cold-mult", "2.5", "--max", "5")
+    out = cli(*pool, "scale", "--to", "1", "--queue-url", url)
+    assert out.count("destroyed") == 0 and sorted(fake.instances) == sorted(ids)
+    stopped = [i for i in ids if fake.instances[i]["actual_status"] == "stopped"]
+    assert len(stopped) == 4
+    out = cli(*pool, "scale", "--to", "3", "--queue-url", url)
+    assert fake.rent_bodies == []  # resumed, not rented
+    assert sum(fake.instances[i]["intended_status"] == "running" for i in ids) == 3
+    fake.boot_all()  # the resumed ones run again
+    # Without cold_mult the floor rules: one of the two cold ones stays, the three running are destroyed.
+    out = cli("--cold-pool", "1", "--cold-mult", "0", "scale", "--to", "0", "--queue-url", url)
+    assert out.count("destroyed") == 4 and [r["actual_status"] for r in fake.instances.values()] == [
+        "stopped"
+    ]
+
+
 def test_destroy_all(cli, fake):
     ours = [fake.add_instance(label="klein", image_uuid=IMAGE) for _ in range(3)]
     stranger = fake.add_instance(label="klein", image_uuid="someone/else:1")
