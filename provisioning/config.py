@@ -262,7 +262,10 @@ class FleetSettings(BaseSettings):
         if self.worker.health_port:
             port = self.worker.health_port
             env["METRICS_PORT"] = str(port)
-            env[f"-p {port}:{port}"] = "1"  # how Vast's env carries a port mapping (as `vastai --env`)
+            # How Vast's env carries a port mapping (as `vastai --env`). One per GPU the offers allow: the
+            # entrypoint gives the worker on GPU k the port METRICS_PORT+k, and each is probed.
+            for slot in range(max(1, self.offers.max_gpus)):
+                env[f"-p {port + slot}:{port + slot}"] = "1"
         login = None
         if self.worker.registry_token is not None:
             registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"

@@ -104,6 +104,13 @@ def test_launch_spec_passes_worker_env_and_keeps_secrets_out_of_display(config_f
     assert "ghp_secret" not in repr(s) and "topsecret" not in repr(spec)
 
 
+def test_every_gpu_worker_port_is_mapped_when_offers_may_have_several_gpus():
+    s = load_settings(None, queue_url="https://q", image="ghcr.io/acme/w:1", offers={"max_gpus": 3})
+    env = s.launch_spec({}).env
+    assert env["METRICS_PORT"] == "9100"
+    assert [k for k in env if k.startswith("-p ")] == ["-p 9100:9100", "-p 9101:9101", "-p 9102:9102"]
+
+
 def test_the_placeholder_image_is_refused(monkeypatch):
     monkeypatch.delenv("KLEIN_FLEET_IMAGE", raising=False)
     s = load_settings(None, queue_url="https://sqs.us-east-1.amazonaws.com/1/jobs")
