@@ -158,6 +158,7 @@ class Autoscaler:
         for iid in report.stopped:
             self.memory.cold_since[iid] = obs.now
             self.memory.last_ready.pop(iid, None)
+            self.memory.resumed.pop(iid, None)  # a resume taken back: cold again, not resuming
 
     def run(
         self,

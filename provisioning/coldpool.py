@@ -63,7 +63,8 @@ def split_scale_in(
     ones are stopped (a bid cannot be resumed at will). With ``keep_booting``, booting ones that still
     fit in the pool are neither: they stay until they run (a disk still being filled is worth nothing
     stopped)."""
-    stoppable = [i for i in leaving if phases.get(i.id) is Phase.RUNNING and not i.is_bid]
+    # A resume taken back (`scale --to` only puts resuming ones in ``leaving``) goes back to the pool.
+    stoppable = [i for i in leaving if phases.get(i.id) in (Phase.RUNNING, Phase.RESUMING) and not i.is_bid]
     stop = stoppable[max(0, len(stoppable) - room) :] if room > 0 else []
     left = room - len(stop) if keep_booting else 0
     booting = [i for i in leaving if phases.get(i.id) is Phase.BOOTING and not i.is_bid]

@@ -256,10 +256,13 @@ def _scale_in_order(
     fleet: Fleet, throughput: ThroughputModel, now: float, config: PolicyConfig, *, any_age: bool = False
 ) -> list[Instance]:
     """Booting instances first (they hold no work; youngest first), then running ones old enough, worst
-    cost per image first."""
+    cost per image first. For `scale --to`, resuming ones come first: a one-off call must put them back
+    (autoscale waits a tick: they run, or hang and are replaced)."""
     booting = sorted(
         (i for i in fleet.live if fleet.phases[i.id] is Phase.BOOTING), key=lambda i: -started(i, now)
     )
+    if config.manual:
+        booting = [i for i in fleet.live if fleet.phases[i.id] is Phase.RESUMING] + booting
     min_age = 0.0 if (any_age or config.manual) else config.min_instance_age_s
     running = [i for i in fleet.running if now - started(i, now) >= min_age]
 

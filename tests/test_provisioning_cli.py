@@ -149,7 +149,7 @@ def test_scale_to_n_and_back(cli, fake, queue):
     assert out.count("destroyed") == 2 and fake.instances == {}
 
 
-def test_scale_to_n_stops_into_the_cold_pool_and_resumes_before_renting(cli, fake, queue):
+def test_scale_to_n_stops_into_the_cold_pool_and_resumes_before_renting(cli, fake, queue, tmp_path):
     url = queue(0)
     fake.add_offer()
     ids = [
@@ -167,6 +167,14 @@ def test_scale_to_n_stops_into_the_cold_pool_and_resumes_before_renting(cli, fak
     out = cli(*pool, "scale", "--to", "3", "--queue-url", url)
     assert fake.rent_bodies == []  # resumed, not rented
     assert sum(fake.instances[i]["intended_status"] == "running" for i in ids) == 3
+    # Taken back while still resuming: stopped into the pool again, not left running nor destroyed.
+    out = cli(*pool, "scale", "--to", "1", "--queue-url", url)
+    assert out.count("destroyed") == 0 and len(fake.instances) == 5
+    assert sum(fake.instances[i]["intended_status"] == "running" for i in ids) == 1
+    state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
+    assert state["resumed"] == {} and len(state["cold_since"]) == 4
+    cli(*pool, "scale", "--to", "3", "--queue-url", url)
+    assert fake.rent_bodies == []
     fake.boot_all()  # the resumed ones run again
     # Without cold_mult the floor rules: one of the two cold ones stays, the three running are destroyed.
     out = cli("--cold-pool", "1", "--cold-mult", "0", "scale", "--to", "0", "--queue-url", url)
