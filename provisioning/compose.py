@@ -9,7 +9,7 @@ from provisioning.autoscale import Autoscaler
 from provisioning.backlog import SqsBacklog, make_sqs_client
 from provisioning.config import FleetSettings
 from provisioning.reconcile import Reconciler
-from provisioning.state import FleetMemory, StateFile
+from provisioning.state import StateFile
 from provisioning.vast import VastClient
 
 
@@ -73,6 +73,7 @@ def autoscaler(
         throughput=settings.throughput(),
         reconciler=reconciler,
         state=StateFile(path=settings.state_path()) if persist else None,
-        memory=None if persist else FleetMemory(),
+        # A dry run reads what the real runs remember (history, a held image) and writes nothing back.
+        memory=None if persist else StateFile(path=settings.state_path()).load(),
         health_port=settings.worker.health_port,
     )

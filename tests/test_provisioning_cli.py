@@ -306,6 +306,7 @@ def test_an_unpullable_image_holds_rents_across_ticks_until_retried_or_changed(c
     out = cli("autoscale", "--once", "--queue-url", busy)
     assert "rents held" in out and "--retry-image" in out and fake.rent_bodies == []
     assert "rents held" in cli("status", "--queue-url", busy)
+    assert "rents held" in cli("autoscale", "--once", "--dry-run", "--queue-url", busy)
     # Another image is not held: the hold is kept per image.
     out = cli("autoscale", "--once", "--queue-url", busy, "--max", "1", KLEIN_FLEET_IMAGE=IMAGE + "-fixed")
     assert "rents held" not in out and [b["image"] for b in fake.rent_bodies] == [IMAGE + "-fixed"]
