@@ -80,6 +80,7 @@ class Autoscaler:
             resumed=dict(self.memory.resumed),
             cold_since=self._cold_since(instances, now),
             last_ready=self._probe(instances, now),
+            image_hold=self.memory.image_hold.get(self._policy.image, ""),
         )
 
     def _date_undated(self, instances: list[Instance], now: float) -> list[Instance]:
@@ -113,6 +114,10 @@ class Autoscaler:
             self.memory.cold_since.setdefault(iid, now)
         return dict(self.memory.cold_since)
 
+    def retry_image(self) -> None:
+        """Lift the hold on rents after an unpullable image (the operator fixed the image or its access)."""
+        self.memory.image_hold.pop(self._policy.image, None)
+
     def plan(self) -> tuple[Observation, Decision]:
         obs = self.observe()
         decision = decide(
@@ -129,6 +134,9 @@ class Autoscaler:
             # Only what really happened is remembered: a dry run leaves the state file untouched.
             self.memory.avoid = dict(decision.avoid)
             self.memory.pending = list(report.pending)
+            # Kept for this image only: deploying another image lifts the hold.
+            hold = decision.image_hold
+            self.memory.image_hold = {self._policy.image: hold} if hold else {}
             self._remember_moves(obs, report)
             if self._state is not None:
                 self._state.save(self.memory)
@@ -150,6 +158,7 @@ class Autoscaler:
         for iid in report.stopped:
             self.memory.cold_since[iid] = obs.now
             self.memory.last_ready.pop(iid, None)
+            self.memory.resumed.pop(iid, None)  # a resume taken back: cold again, not resuming
 
     def run(
         self,

@@ -13,6 +13,7 @@ Vast's serverless engine keeps such "cold workers" too. Here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 from provisioning.models import Instance, Phase
@@ -56,18 +57,32 @@ def expired(
 
 
 def split_scale_in(
-    leaving: Sequence[Instance], *, phases: Mapping[int, Phase], room: int
+    leaving: Sequence[Instance], *, phases: Mapping[int, Phase], room: int, keep_booting: bool = True
 ) -> tuple[list[Instance], list[Instance]]:
     """(stop, destroy) for instances leaving, ordered worst first: the best ``room`` running on-demand
-    ones are stopped (a bid cannot be resumed at will). Booting ones that still fit in the pool are
-    neither: they stay until they run (a disk still being filled is worth nothing stopped)."""
-    stoppable = [i for i in leaving if phases.get(i.id) is Phase.RUNNING and not i.is_bid]
+    ones are stopped (a bid cannot be resumed at will). With ``keep_booting``, booting ones that still
+    fit in the pool are neither: they stay until they run (a disk still being filled is worth nothing
+    stopped)."""
+    # A resume taken back (`scale --to` only puts resuming ones in ``leaving``) goes back to the pool.
+    stoppable = [i for i in leaving if phases.get(i.id) in (Phase.RUNNING, Phase.RESUMING) and not i.is_bid]
     stop = stoppable[max(0, len(stoppable) - room) :] if room > 0 else []
-    left = room - len(stop)
+    left = room - len(stop) if keep_booting else 0
     booting = [i for i in leaving if phases.get(i.id) is Phase.BOOTING and not i.is_bid]
     wait = booting[max(0, len(booting) - left) :] if left > 0 else []
     kept = {i.id for i in stop} | {i.id for i in wait}
     return stop, [i for i in leaving if i.id not in kept]
+
+
+def pool_size(cold_pool: int, cold_mult: float, *, live: int, max_instances: int) -> int:
+    """How many stopped instances to keep: ``cold_pool`` at least, else ``cold_mult`` x the live fleet
+    (Vast serverless' ``cold_workers`` floor and ``cold_mult``), never more than ``max_instances``
+    beyond the floor."""
+    return max(cold_pool, min(max_instances, math.ceil(cold_mult * live - 1e-9)))
+
+
+def pool_ceiling(cold_pool: int, cold_mult: float, *, max_instances: int) -> int:
+    """The most the pool may hold at all: what it could grow to with the whole fleet live."""
+    return pool_size(cold_pool, cold_mult, live=max_instances, max_instances=max_instances)
 
 
 def to_fill(pool_size: int, *, cold: int, live: int) -> int:

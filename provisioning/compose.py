@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from provisioning import coldpool
 from provisioning.autoscale import Autoscaler
 from provisioning.backlog import SqsBacklog, make_sqs_client
 from provisioning.config import FleetSettings
 from provisioning.reconcile import Reconciler
-from provisioning.state import FleetMemory, StateFile
+from provisioning.state import StateFile
 from provisioning.vast import VastClient
 
 
@@ -45,6 +46,11 @@ def autoscaler(
             max_instances=manual_size,
             manual=True,
             max_rents_per_tick=max(1, manual_size),
+            # The pool as autoscale may hold it at most: pinning the size must not destroy a pool that
+            # a burst grew (the pool is relative to the fleet's max_instances, not to N).
+            cold_pool=coldpool.pool_ceiling(
+                policy.cold_pool, policy.cold_mult, max_instances=policy.max_instances
+            ),
         )
     vast = vast_client(settings)
     reconciler = None
@@ -67,6 +73,7 @@ def autoscaler(
         throughput=settings.throughput(),
         reconciler=reconciler,
         state=StateFile(path=settings.state_path()) if persist else None,
-        memory=None if persist else FleetMemory(),
+        # A dry run reads what the real runs remember (history, a held image) and writes nothing back.
+        memory=None if persist else StateFile(path=settings.state_path()).load(),
         health_port=settings.worker.health_port,
     )

@@ -142,7 +142,10 @@ class FleetSettings(BaseSettings):
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(4, ge=0)
     # Stopped instances kept (disk billed) to resume on scale-out instead of renting; 0: destroy on scale-in.
-    cold_pool: int = Field(4, ge=0)
+    cold_pool: int = Field(6, ge=0)
+    # ... or this many per live instance when more (Vast serverless' cold_mult): scale-in stops a burst's
+    # fleet whole, so the next burst resumes it in ~90 s instead of renting for ~7 minutes. 0: the floor only.
+    cold_mult: float = Field(2.5, ge=0)
     target_wait_s: float = Field(120.0, gt=0)
     max_hourly_usd: float = Field(5.0, ge=0)
     max_price_per_gpu_hour: float | None = Field(1.0, gt=0)
@@ -215,6 +218,7 @@ class FleetSettings(BaseSettings):
             max_per_host=p.max_per_host,
             images_per_job=p.images_per_job,
             cold_pool=self.cold_pool,
+            cold_mult=self.cold_mult,
             cold_max_age_s=p.cold_max_age_s,
             resume_deadline_s=p.resume_deadline_s,
             unready_after_s=p.unready_after_s,
@@ -258,7 +262,10 @@ class FleetSettings(BaseSettings):
         if self.worker.health_port:
             port = self.worker.health_port
             env["METRICS_PORT"] = str(port)
-            env[f"-p {port}:{port}"] = "1"  # how Vast's env carries a port mapping (as `vastai --env`)
+            # How Vast's env carries a port mapping (as `vastai --env`). One per GPU the offers allow: the
+            # entrypoint gives the worker on GPU k the port METRICS_PORT+k, and each is probed.
+            for slot in range(max(1, self.offers.max_gpus)):
+                env[f"-p {port + slot}:{port + slot}"] = "1"
         login = None
         if self.worker.registry_token is not None:
             registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"

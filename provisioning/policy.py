@@ -10,22 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from provisioning import coldpool, readiness
+from provisioning import coldpool
+from provisioning.fleetview import Destroy, Fleet, observe
 from provisioning.models import (
     Instance,
     Offer,
     PendingRent,
     Phase,
     QueueSample,
-    classify,
     same_image,
     started,
 )
 from provisioning.offers import OfferRequirements, RankedOffer, pick_offers, rank_offers
 from provisioning.sizing import all_busy, explain, reference_instance, sustained, target_size
 from provisioning.throughput import ThroughputModel
-
-_PENDING_MATCH_SLACK_S = 120.0  # clock skew between us and Vast when matching a late rent to its instance
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,8 +40,9 @@ class PolicyConfig:
     max_rents_per_tick: int = 4  # scale-out rate limit
     max_per_host: int = 2
     images_per_job: float = 1.0  # average images per job (batches), to turn images/s into jobs/s
-    manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard, no cold pool
-    cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py)
+    manual: bool = False  # `scale --to N`: no surplus window, no age or busy guard, no pool fill
+    cold_pool: int = 0  # stopped instances kept to resume on scale-out (coldpool.py): the floor
+    cold_mult: float = 0.0  # ... or this many per live instance, when more (coldpool.pool_size)
     cold_max_age_s: float = 6 * 3600.0  # a cold instance stopped longer than this is destroyed
     resume_deadline_s: float = 300.0  # a resume not running by then is destroyed and a rent made
     fill_cold_pool: bool = True  # when demand is met, rent to fill the pool (they boot, then stop)
@@ -61,12 +60,7 @@ class Observation:
     resumed: Mapping[int, float] = field(default_factory=dict)  # instance id -> resume asked at
     cold_since: Mapping[int, float] = field(default_factory=dict)  # instance id -> stopped at
     last_ready: Mapping[int, float] | None = None  # id -> last /healthz 200; None: readiness not probed
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Destroy:
-    instance: Instance
-    reason: str  # a Phase value for failures, "scale_in" or "over_budget"
+    image_hold: str = ""  # the status_msg that showed config.image cannot be pulled: no rents until cleared
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,31 +80,14 @@ class Decision:
     notes: tuple[str, ...] = ()
     stops: tuple[Instance, ...] = ()  # into the cold pool
     resumes: tuple[Instance, ...] = ()  # out of the cold pool, before any rent
-
-
-@dataclass(slots=True, kw_only=True)
-class _Fleet:
-    """What the observation says about the fleet, before any scaling."""
-
-    live: list[Instance]  # booting, resuming or running: capacity
-    cold: list[Instance]  # stopped by us: not capacity, storage billed
-    running: list[Instance]
-    phases: dict[int, Phase]
-    failed: list[Destroy]
-    avoid: dict[int, float]
-    pending: list[PendingRent]
-    hourly_now: float
-
-    @property
-    def capacity(self) -> int:
-        return len(self.live) + len(self.pending)
+    image_hold: str = ""  # why rents of this image are held (Observation.image_hold, or seen now)
 
 
 def decide(
     obs: Observation, *, config: PolicyConfig, requirements: OfferRequirements, throughput: ThroughputModel
 ) -> Decision:
     notes: list[str] = []
-    fleet = _observe(obs, config)
+    fleet = observe(obs, config)
     ranked = rank_offers(
         obs.offers, requirements=requirements, throughput=throughput, avoid_machines=fleet.avoid
     )
@@ -128,7 +105,11 @@ def decide(
         cold_since=obs.cold_since,
         now=obs.now,
         max_age_s=config.cold_max_age_s,
-        pool_size=config.cold_pool,
+        # Beyond what the pool could ever grow to; below that it shrinks by age (the stopped instances are
+        # the memory of the last peak: a burst every 90 minutes finds its fleet still stopped).
+        pool_size=coldpool.pool_ceiling(
+            config.cold_pool, config.cold_mult, max_instances=config.max_instances
+        ),
         worst_first=worst_first,
     ):
         destroys.append(Destroy(instance=inst, reason=why))
@@ -142,8 +123,15 @@ def decide(
             keep = fleet.capacity
         leaving = _scale_in_order(fleet, throughput, obs.now, config)[: max(0, fleet.capacity - keep)]
         expiring = len(destroys) - len(fleet.failed)
-        room = 0 if config.manual else config.cold_pool - (len(fleet.cold) - expiring)
-        stops, scrap = coldpool.split_scale_in(leaving, phases=fleet.phases, room=room)
+        # Relative to the fleet before it shrinks: stopping a burst's fleet keeps it for the next burst.
+        pool = coldpool.pool_size(
+            config.cold_pool, config.cold_mult, live=len(fleet.live), max_instances=config.max_instances
+        )
+        room = pool - (len(fleet.cold) - expiring)
+        # `scale --to` is one call: a booting instance kept to stop later would never be stopped.
+        stops, scrap = coldpool.split_scale_in(
+            leaving, phases=fleet.phases, room=room, keep_booting=not config.manual
+        )
         destroys += [Destroy(instance=i, reason="scale_in") for i in scrap]
     hourly_after = _fit_budget(fleet, destroys, stops, throughput, obs.now, config, notes)
 
@@ -162,13 +150,23 @@ def decide(
     if want <= 0 and not config.manual and config.fill_cold_pool:
         cold_after = len(fleet.cold) + len(stops) - sum(1 for d in destroys if d.instance in fleet.cold)
         want = min(
+            # Rents fill the floor only: filling to cold_mult x the fleet would rent (and store) for peaks
+            # that may never come; stops grow the pool to the peaks that did.
             coldpool.to_fill(config.cold_pool, cold=cold_after, live=remaining),
             config.max_instances - remaining,
         )
         if want > 0:
             notes.append(f"filling the cold pool: {want} more to boot, then stop")
-    if any(p is Phase.UNPULLABLE for p in fleet.phases.values()):
-        notes.append("the image cannot be pulled (see status_msg): no rents this tick")
+    # Another rent would pull the same image and fail the same way: hold every rent until the image
+    # changes (the hold is kept per image) or an operator clears it (`autoscale --retry-image`).
+    hold = next(
+        (i.status_msg for i in obs.instances if fleet.phases.get(i.id) is Phase.UNPULLABLE), obs.image_hold
+    )
+    if hold:
+        notes.append(
+            f"rents held: the image {config.image} cannot be pulled ({hold[:200]}); held until the "
+            "image changes or `autoscale --retry-image` after fixing it"
+        )
         want = len(resumes)  # resumes only: their disks hold the image already
     rents = _scale_out(fleet, ranked, want - len(resumes), budget, config, notes)
     picked = {r.offer.id for r in rents}
@@ -188,56 +186,12 @@ def decide(
         notes=tuple(notes),
         stops=tuple(stops),
         resumes=tuple(resumes),
-    )
-
-
-def _observe(obs: Observation, config: PolicyConfig) -> _Fleet:
-    now = obs.now
-    managed = [i for i in obs.instances if same_image(i.image, config.image)]
-    phases = {i.id: _phase(i, obs, config) for i in managed}
-    failed = [
-        Destroy(instance=i, reason=str(phases[i.id]))
-        for i in managed
-        if not phases[i.id].is_capacity and phases[i.id] is not Phase.COLD
-    ]
-    avoid = {m: t for m, t in obs.avoid.items() if t > now}
-    for d in failed:
-        # An unpullable image is the image's fault, not the machine's.
-        if d.instance.machine_id is not None and phases[d.instance.id] is not Phase.UNPULLABLE:
-            avoid[d.instance.machine_id] = now + config.avoid_machine_s
-    live = [i for i in managed if phases[i.id].is_capacity]
-    pending = _live_pending(obs.pending, managed, now)
-    return _Fleet(
-        live=live,
-        cold=[i for i in managed if phases[i.id] is Phase.COLD],
-        running=[i for i in live if phases[i.id] is Phase.RUNNING],
-        phases=phases,
-        failed=failed,
-        avoid=avoid,
-        pending=pending,
-        hourly_now=sum(i.hourly_cost for i in obs.instances) + sum(p.dph_total for p in pending),
-    )
-
-
-def _phase(instance: Instance, obs: Observation, config: PolicyConfig) -> Phase:
-    cold = coldpool.cold_phase(
-        instance, resumed=obs.resumed, now=obs.now, resume_deadline_s=config.resume_deadline_s
-    )
-    phase = cold or classify(instance, now=obs.now, boot_deadline_s=config.boot_deadline_s)
-    if phase is not Phase.RUNNING or obs.last_ready is None:
-        return phase
-    return readiness.phase(
-        instance,
-        now=obs.now,
-        started_at=obs.resumed.get(instance.id, started(instance, obs.now)),
-        last_ready=obs.last_ready,
-        boot_deadline_s=config.boot_deadline_s,
-        unready_after_s=config.unready_after_s,
+        image_hold=hold,
     )
 
 
 def _fit_budget(
-    fleet: _Fleet,
+    fleet: Fleet,
     destroys: list[Destroy],
     stops: list[Instance],
     throughput: ThroughputModel,
@@ -267,7 +221,7 @@ def _fit_budget(
 
 
 def _scale_out(
-    fleet: _Fleet,
+    fleet: Fleet,
     ranked: Sequence[RankedOffer],
     want: int,
     budget: float,
@@ -298,28 +252,17 @@ def _scale_out(
     return rents
 
 
-def _live_pending(
-    pending: Sequence[PendingRent], managed: Sequence[Instance], now: float
-) -> list[PendingRent]:
-    """Pending rents that have neither expired nor turned up as an instance on their machine."""
-
-    def arrived(p: PendingRent) -> bool:
-        return any(
-            i.machine_id == p.machine_id and started(i, now) >= p.requested_at - _PENDING_MATCH_SLACK_S
-            for i in managed
-        )
-
-    return [p for p in pending if p.expires_at > now and not arrived(p)]
-
-
 def _scale_in_order(
-    fleet: _Fleet, throughput: ThroughputModel, now: float, config: PolicyConfig, *, any_age: bool = False
+    fleet: Fleet, throughput: ThroughputModel, now: float, config: PolicyConfig, *, any_age: bool = False
 ) -> list[Instance]:
     """Booting instances first (they hold no work; youngest first), then running ones old enough, worst
-    cost per image first."""
+    cost per image first. For `scale --to`, resuming ones come first: a one-off call must put them back
+    (autoscale waits a tick: they run, or hang and are replaced)."""
     booting = sorted(
         (i for i in fleet.live if fleet.phases[i.id] is Phase.BOOTING), key=lambda i: -started(i, now)
     )
+    if config.manual:
+        booting = [i for i in fleet.live if fleet.phases[i.id] is Phase.RESUMING] + booting
     min_age = 0.0 if (any_age or config.manual) else config.min_instance_age_s
     running = [i for i in fleet.running if now - started(i, now) >= min_age]
 

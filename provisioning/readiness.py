@@ -24,19 +24,29 @@ log = logging.getLogger(__name__)
 
 
 def probe(instances: Iterable[Instance], *, port: int, timeout_s: float = 3.0) -> dict[int, bool]:
-    """instance id -> its worker answered 200 on /healthz; only running instances with a mapped port."""
+    """instance id -> every worker on it answered 200 on /healthz; only running instances with a mapped
+    port. With several GPUs the worker on GPU k listens on ``port + k`` (docker/entrypoint.sh): each
+    mapped one is asked, and the instance is ready only when all answer. The entrypoint ends the
+    container when a worker cannot serve (exit 3) or crash-loops, but a worker that is up and never
+    ready (one GPU that hangs its boot) would otherwise leave the sizing counting a GPU that serves
+    nothing. Ports not mapped (an instance rented with fewer mappings than GPUs) cannot be asked."""
     ready: dict[int, bool] = {}
     for inst in instances:
-        host_port = inst.ports.get(f"{port}/tcp")
-        if (inst.actual_status or "") != "running" or not inst.public_ip or host_port is None:
+        slots = [port + k for k in range(max(1, inst.num_gpus))]
+        mapped = [inst.ports[f"{p}/tcp"] for p in slots if f"{p}/tcp" in inst.ports]
+        if (inst.actual_status or "") != "running" or not inst.public_ip or not mapped:
             continue
-        try:
-            reply = requests.get(f"http://{inst.public_ip}:{host_port}/healthz", timeout=timeout_s)
-            ready[inst.id] = reply.status_code == 200
-        except requests.RequestException as exc:
-            log.debug("instance %s: /healthz unreachable (%s)", inst.id, type(exc).__name__)
-            ready[inst.id] = False
+        ready[inst.id] = all(_answers(inst, host_port, timeout_s) for host_port in mapped)
     return ready
+
+
+def _answers(inst: Instance, host_port: int, timeout_s: float) -> bool:
+    try:
+        reply = requests.get(f"http://{inst.public_ip}:{host_port}/healthz", timeout=timeout_s)
+    except requests.RequestException as exc:
+        log.debug("instance %s port %s: /healthz unreachable (%s)", inst.id, host_port, type(exc).__name__)
+        return False
+    return reply.status_code == 200
 
 
 def phase(

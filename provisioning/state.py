@@ -27,6 +27,8 @@ class FleetMemory:
     resumed: dict[int, float] = field(default_factory=dict)  # instance id -> resume asked at
     cold_since: dict[int, float] = field(default_factory=dict)  # instance id -> stopped into the pool at
     last_ready: dict[int, float] = field(default_factory=dict)  # instance id -> last /healthz 200 at
+    # image -> the status_msg that showed it cannot be pulled: rents of it are held until cleared
+    image_hold: dict[str, str] = field(default_factory=dict)
 
     def remember(self, sample: QueueSample, *, keep_s: float) -> None:
         """Add a sample and forget those older than ``keep_s`` (keeping one just before, for the window)."""
@@ -52,6 +54,7 @@ class StateFile:
                 resumed=_times(data.get("resumed")),
                 cold_since=_times(data.get("cold_since")),
                 last_ready=_times(data.get("last_ready")),
+                image_hold={str(k): str(v) for k, v in (data.get("image_hold") or {}).items()},
             )
         except FileNotFoundError:
             return FleetMemory()
@@ -70,6 +73,7 @@ class StateFile:
             "resumed": {str(k): v for k, v in memory.resumed.items()},
             "cold_since": {str(k): v for k, v in memory.cold_since.items()},
             "last_ready": {str(k): v for k, v in memory.last_ready.items()},
+            "image_hold": dict(memory.image_hold),
         }
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload), encoding="utf-8")

@@ -149,6 +149,40 @@ def test_scale_to_n_and_back(cli, fake, queue):
     assert out.count("destroyed") == 2 and fake.instances == {}
 
 
+def test_scale_to_n_stops_into_the_cold_pool_and_resumes_before_renting(cli, fake, queue, tmp_path):
+    url = queue(0)
+    fake.add_offer()
+    ids = [
+        fake.add_instance(
+            label="klein", image_uuid=IMAGE, actual_status="running", start_date=fake.clock() - 60
+        )
+        for _ in range(5)
+    ]
+    # A pool floor of 1, but cold_mult 2.5 over --max 5: everything leaving fits, nothing is destroyed.
+    pool = ("--cold-pool", "1", "--cold-mult", "2.5", "--max", "5")
+    out = cli(*pool, "scale", "--to", "1", "--queue-url", url)
+    assert out.count("destroyed") == 0 and sorted(fake.instances) == sorted(ids)
+    stopped = [i for i in ids if fake.instances[i]["actual_status"] == "stopped"]
+    assert len(stopped) == 4
+    out = cli(*pool, "scale", "--to", "3", "--queue-url", url)
+    assert fake.rent_bodies == []  # resumed, not rented
+    assert sum(fake.instances[i]["intended_status"] == "running" for i in ids) == 3
+    # Taken back while still resuming: stopped into the pool again, not left running nor destroyed.
+    out = cli(*pool, "scale", "--to", "1", "--queue-url", url)
+    assert out.count("destroyed") == 0 and len(fake.instances) == 5
+    assert sum(fake.instances[i]["intended_status"] == "running" for i in ids) == 1
+    state = json.loads((tmp_path / "state" / "klein-fleet" / "klein.json").read_text())
+    assert state["resumed"] == {} and len(state["cold_since"]) == 4
+    cli(*pool, "scale", "--to", "3", "--queue-url", url)
+    assert fake.rent_bodies == []
+    fake.boot_all()  # the resumed ones run again
+    # Without cold_mult the floor rules: one of the two cold ones stays, the three running are destroyed.
+    out = cli("--cold-pool", "1", "--cold-mult", "0", "scale", "--to", "0", "--queue-url", url)
+    assert out.count("destroyed") == 4 and [r["actual_status"] for r in fake.instances.values()] == [
+        "stopped"
+    ]
+
+
 def test_destroy_all(cli, fake):
     ours = [fake.add_instance(label="klein", image_uuid=IMAGE) for _ in range(3)]
     stranger = fake.add_instance(label="klein", image_uuid="someone/else:1")
@@ -237,7 +271,7 @@ def test_autoscale_stops_into_the_cold_pool_resumes_it_and_status_shows_it(cli, 
         for _ in range(3)
     ]
     empty = queue(0)
-    out = cli("--cold-pool", "1", "autoscale", "--once", "--queue-url", empty, **fast)
+    out = cli("--cold-pool", "1", "--cold-mult", "0", "autoscale", "--once", "--queue-url", empty, **fast)
     assert out.count("stopped") >= 1 and out.count("destroyed") == 2
     (cold,) = fake.instances
     assert cold in ids and fake.instances[cold]["actual_status"] == "stopped"
@@ -258,3 +292,37 @@ def test_a_mistyped_log_level_is_a_usage_error_naming_the_option(cli):
     assert "--log-level" in out and "'debugg' is not one of" in out
     assert "Traceback" not in out
     assert "Usage:" in cli("--log-level", "debug", "simulate", "--help")  # any case is accepted
+
+
+def test_an_unpullable_image_holds_rents_across_ticks_until_retried_or_changed(cli, fake, queue):
+    for _ in range(4):
+        fake.add_offer()
+    busy = queue(30)
+
+    def unpullable() -> int:
+        iid = fake.add_instance(
+            label="klein", image_uuid=IMAGE, actual_status="loading", start_date=fake.clock()
+        )
+        fake.set_status(iid, "loading", f"Error response from daemon: manifest for {IMAGE} not found")
+        return iid
+
+    bad = unpullable()
+    out = cli("autoscale", "--once", "--queue-url", busy)
+    assert "rents held" in out and "not found" in out and bad not in fake.instances
+    # The unpullable instance is gone, but a rent would pull the same image: still held, and said so.
+    out = cli("autoscale", "--once", "--queue-url", busy)
+    assert "rents held" in out and "--retry-image" in out and fake.rent_bodies == []
+    assert "rents held" in cli("status", "--queue-url", busy)
+    assert "rents held" in cli("autoscale", "--once", "--dry-run", "--queue-url", busy)
+    # Another image is not held: the hold is kept per image.
+    out = cli("autoscale", "--once", "--queue-url", busy, "--max", "1", KLEIN_FLEET_IMAGE=IMAGE + "-fixed")
+    assert "rents held" not in out and [b["image"] for b in fake.rent_bodies] == [IMAGE + "-fixed"]
+    # Held again for the same image; the operator fixes it (same tag) and says so: rents resume.
+    for iid in list(fake.instances):
+        del fake.instances[iid]
+    unpullable()
+    assert "rents held" in cli("autoscale", "--once", "--queue-url", busy)
+    assert "rents held" in cli("autoscale", "--once", "--queue-url", busy) and len(fake.rent_bodies) == 1
+    out = cli("autoscale", "--once", "--queue-url", busy, "--retry-image")
+    assert "rents held" not in out and len(fake.rent_bodies) > 1
+    assert all(b["image"] == IMAGE for b in fake.rent_bodies[1:])

@@ -124,6 +124,29 @@ def test_cold_instances_past_the_max_age_or_beyond_the_pool_are_destroyed(fake, 
     assert len(fake.instances) == 1
 
 
+def test_cold_mult_stops_a_whole_burst_fleet_and_keeps_it_beyond_the_floor(fake, client):
+    ids = [running(fake) for _ in range(4)]
+    fixed = plan(client, visible=0, now=fake.clock())  # cold_pool 2, no cold_mult: half is destroyed
+    assert len(fixed.stops) == 2 and len(fixed.destroys) == 2
+    relative = dataclasses.replace(POLICY, cold_mult=1.0)  # a pool of 1x the live fleet, floor 2
+    decision = plan(client, visible=0, now=fake.clock(), config=relative)
+    assert sorted(i.id for i in decision.stops) == sorted(ids) and decision.destroys == ()
+    apply(client, decision)
+    # Nothing live now, yet the pool is not cut to its floor: the next burst resumes all four.
+    now = fake.clock()
+    idle = plan(client, visible=0, now=now, config=relative, cold_since={i: now for i in ids})
+    assert idle.destroys == () and idle.rents == () and idle.capacity == 0
+    burst = plan(client, visible=400, now=now, config=relative, cold_since={i: now for i in ids})
+    assert sorted(i.id for i in burst.resumes) == sorted(ids) and burst.rents == ()
+    # Age still empties it; and it never holds more than max_instances (here 4) beyond the floor.
+    old = {i: now - POLICY.cold_max_age_s - 1 for i in ids}
+    assert len(plan(client, visible=0, now=now, config=relative, cold_since=old).destroys) == 4
+    fifth = running(fake)
+    client.set_state(fifth, "stopped")
+    full = plan(client, visible=0, now=now, config=relative, cold_since={i: now for i in [*ids, fifth]})
+    assert [d.reason for d in full.destroys] == ["cold_pool_full"]
+
+
 def test_storage_of_the_pool_counts_in_the_cap(fake, client):
     fake.add_offer(dph_total=0.40)
     iid = running(fake)

@@ -18,6 +18,7 @@ image = "ghcr.io/acme/klein-worker:1.0"
 queue_url = "https://sqs.us-east-1.amazonaws.com/1/jobs"
 max_instances = 8
 max_hourly_usd = 3.5
+cold_mult = 1.5
 
 [offers]
 variant = "klein-9b-fp8"
@@ -53,6 +54,7 @@ def test_toml_values_reach_the_policy_and_the_offer_filters(config_file):
     assert req.to_query()["gpu_ram"] == {"gte": 32000}
     policy = s.policy_config()
     assert policy.boot_deadline_s == 900 and policy.max_instances == 8 and policy.image == s.image
+    assert policy.cold_mult == 1.5 and policy.cold_pool == 6  # the pool's floor keeps its default
 
 
 def test_command_line_beats_environment_beats_file(config_file, monkeypatch):
@@ -63,6 +65,9 @@ def test_command_line_beats_environment_beats_file(config_file, monkeypatch):
     assert s.max_instances == 5 and s.policy.scale_in_after_s == 120 and s.policy.boot_deadline_s == 900
     assert s.vast_api_url == "http://127.0.0.1:9"
     assert load_settings(config_file, max_instances=2, fleet=None).max_instances == 2
+    monkeypatch.setenv("KLEIN_FLEET_COLD_MULT", "3")
+    assert load_settings(config_file).policy_config().cold_mult == 3.0
+    assert load_settings(config_file, cold_mult=0.0).policy_config().cold_mult == 0.0
 
 
 def test_typos_in_the_file_are_errors(tmp_path):
@@ -97,6 +102,13 @@ def test_launch_spec_passes_worker_env_and_keeps_secrets_out_of_display(config_f
     assert shown["AWS_SECRET_ACCESS_KEY"] == "***" and shown["AWS_ACCESS_KEY_ID"] == "***"
     assert shown["MODEL"] == "klein-4b" and shown["QUEUE_URL"].startswith("https://")
     assert "ghp_secret" not in repr(s) and "topsecret" not in repr(spec)
+
+
+def test_every_gpu_worker_port_is_mapped_when_offers_may_have_several_gpus():
+    s = load_settings(None, queue_url="https://q", image="ghcr.io/acme/w:1", offers={"max_gpus": 3})
+    env = s.launch_spec({}).env
+    assert env["METRICS_PORT"] == "9100"
+    assert [k for k in env if k.startswith("-p ")] == ["-p 9100:9100", "-p 9101:9101", "-p 9102:9102"]
 
 
 def test_the_placeholder_image_is_refused(monkeypatch):

@@ -117,6 +117,39 @@ def test_a_worker_that_stops_answering_is_replaced(fake, health):
     assert iid not in fake.instances and len(fake.rent_bodies) == 1
 
 
+def test_with_several_gpus_every_worker_is_asked_and_all_must_answer(fake):
+    first, second = Health(), Health()
+    try:
+        fake.add_offer()
+        clock = [fake.clock()]
+        iid = fake.add_instance(
+            label="klein",
+            image_uuid=IMAGE,
+            actual_status="running",
+            start_date=clock[0],
+            num_gpus=2,
+            public_ipaddr="127.0.0.1",
+            ports={
+                "9100/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(first.port)}],
+                "9101/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(second.port)}],
+            },
+        )
+        autoscaler = scaler(fake, clock)
+        first.status = 200  # GPU 0's worker serves, GPU 1's hangs in its boot
+        assert autoscaler.tick(dry_run=False).decision.phases[iid] is Phase.BOOTING
+        second.status = 200
+        clock[0] += 60
+        assert autoscaler.tick(dry_run=False).decision.phases[iid] is Phase.RUNNING
+        second.status = 503  # one worker stops answering: the instance is judged by it
+        clock[0] += POLICY.unready_after_s + 61
+        tick = autoscaler.tick(dry_run=False)
+        assert [(d.instance.id, d.reason) for d in tick.decision.destroys] == [(iid, "unready")]
+    finally:
+        for h in (first, second):
+            h.server.shutdown()
+            h.server.server_close()
+
+
 def test_an_unpullable_image_is_recognised_at_once(fake):
     fake.add_offer()
     clock = [fake.clock()]

@@ -89,13 +89,27 @@ def test_a_cold_pool_serves_bursts_with_fewer_rents_and_shorter_waits():
     assert pooled.rents < without.rents / 2 and pooled.wait_p95_s < without.wait_p95_s
 
 
+def test_a_pool_relative_to_the_fleet_keeps_a_burst_fleet_for_the_next_burst():
+    arrivals = generate("burst", duration_s=4 * 3600, seed=2)
+    floor = dataclasses.replace(COLD, cold_pool=6, max_instances=20)
+    fixed, _ = simulate_policy(arrivals, policy=floor, requirements=REQUIREMENTS, sim=SimConfig(seed=2))
+    relative, _ = simulate_policy(
+        arrivals,
+        policy=dataclasses.replace(floor, cold_mult=2.5),
+        requirements=REQUIREMENTS,
+        sim=SimConfig(seed=2),
+    )
+    assert relative.unserved == 0
+    assert relative.rents < fixed.rents and relative.wait_p95_s < fixed.wait_p95_s
+
+
 @pytest.mark.parametrize("trace", ["step", "burst", "sine"])
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("cold_pool", [0, 4, 16])
-def test_the_hourly_cap_holds_in_every_simulated_run(trace, seed, cold_pool):
+@pytest.mark.parametrize(("cold_pool", "cold_mult"), [(0, 0.0), (4, 0.0), (16, 0.0), (6, 2.5)])
+def test_the_hourly_cap_holds_in_every_simulated_run(trace, seed, cold_pool, cold_mult):
     # Storage of the stopped instances counts: peak $/h is every live GPU plus every cold disk.
     cap = 4.0
-    policy = dataclasses.replace(COLD, cold_pool=cold_pool, max_hourly_usd=cap)
+    policy = dataclasses.replace(COLD, cold_pool=cold_pool, cold_mult=cold_mult, max_hourly_usd=cap)
     arrivals = generate(trace, duration_s=2 * 3600, seed=seed)
     sim = SimConfig(seed=seed, unhealthy_probability=0.1, resume_hang_probability=0.2)
     result, _ = simulate_policy(arrivals, policy=policy, requirements=REQUIREMENTS, sim=sim)
