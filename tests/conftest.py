@@ -22,6 +22,8 @@ os.environ.update(
 )
 os.environ.pop("AWS_PROFILE", None)
 
+from provisioning.vast import VastClient
+from tests.fake_vast import FakeVast
 from tests.scripted_http import ScriptedServer
 from worker.local import LocalStack, start_local_stack
 
@@ -191,3 +193,16 @@ def weight_urls(weights_host: ScriptedServer) -> dict[int, str]:
     from tests.production import serve_checkpoints
 
     return serve_checkpoints(weights_host)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeVast]:
+    """The fake Vast.ai API on loopback, one per test (the provisioning tests)."""
+    with FakeVast() as server:
+        yield server
+
+
+@pytest.fixture
+def client(fake: FakeVast) -> VastClient:
+    """A Vast client on ``fake``, without retry sleeps; a test module may define its own."""
+    return VastClient(api_key=fake.api_key, api_url=fake.url, backoff_s=0.0, sleep=lambda s: None)

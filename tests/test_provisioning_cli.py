@@ -13,7 +13,7 @@ from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
 from provisioning.cli import app
-from tests.fake_vast import IMAGE, FakeVast
+from tests.fake_vast import IMAGE
 
 _names = itertools.count()
 SECRET = "supersecretvalue"
@@ -26,12 +26,6 @@ def sqs_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-@pytest.fixture
-def fake():
-    with FakeVast() as server:
-        yield server
 
 
 @pytest.fixture

@@ -28,17 +28,6 @@ POLICY = PolicyConfig(
 THROUGHPUT = ThroughputModel(profiles={"RTX 4090": 0.75, "RTX 3090": 0.4})
 
 
-@pytest.fixture
-def fake():
-    with FakeVast() as server:
-        yield server
-
-
-@pytest.fixture
-def client(fake):
-    return VastClient(api_key=fake.api_key, api_url=fake.url, backoff_s=0.0, sleep=lambda s: None)
-
-
 def plan(client: VastClient, *, visible: int, now: float, config=POLICY, **memory) -> Decision:
     obs = Observation(
         now=now,

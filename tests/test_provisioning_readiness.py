@@ -53,12 +53,6 @@ def health() -> Iterator[Health]:
     h.server.server_close()
 
 
-@pytest.fixture
-def fake():
-    with FakeVast() as server:
-        yield server
-
-
 def scaler(fake: FakeVast, clock: list[float], policy: PolicyConfig = POLICY) -> Autoscaler:
     vast = VastClient(api_key=fake.api_key, api_url=fake.url, backoff_s=0.0, sleep=lambda s: None)
     return Autoscaler(

@@ -24,12 +24,6 @@ SPEC = LaunchSpec(
 
 
 @pytest.fixture
-def fake():
-    with FakeVast() as server:
-        yield server
-
-
-@pytest.fixture
 def sleeps():
     return []
 

@@ -20,17 +20,6 @@ SPEC = LaunchSpec(image=IMAGE, label="klein", env={"QUEUE_URL": "https://sqs.exa
 POLICY = PolicyConfig(image=IMAGE, max_instances=4, max_hourly_usd=2.0, target_wait_s=120)
 
 
-@pytest.fixture
-def fake():
-    with FakeVast() as server:
-        yield server
-
-
-@pytest.fixture
-def client(fake):
-    return VastClient(api_key=fake.api_key, api_url=fake.url, backoff_s=0.0, sleep=lambda s: None)
-
-
 def test_destroy_answered_200_with_success_false_is_a_failure(fake, client):
     iid = fake.add_instance(label="klein", image_uuid=IMAGE, actual_status="running")
     fake.refuse(iid, "Instance is locked")
