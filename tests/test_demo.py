@@ -12,17 +12,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_runs_the_samples_and_saves_images(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "QUEUE_", "MODEL"))}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
+def _demo(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m worker demo` as a newcomer runs it: no AWS, queue or model settings from this shell."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "QUEUE_", "MODEL"))}
+    return subprocess.run(
         [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "outputs")],
         cwd=tmp_path,
-        env=env,
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_demo_runs_the_samples_and_saves_images(tmp_path):
+    proc = _demo(tmp_path)
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     saved = {p.name: Image.open(p) for p in (tmp_path / "outputs").iterdir()}
@@ -71,16 +75,7 @@ def test_demo_uses_the_real_model_only_where_a_gpu_and_its_weights_are(tmp_path)
 
 
 def test_an_invalid_setting_stops_the_demo_with_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "QUEUE_", "MODEL"))}
-    env.update(PYTHONPATH=str(ROOT), MODEL="klein-5b")
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "outputs")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _demo(tmp_path, MODEL="klein-5b")
     assert proc.returncode == 3
     (line,) = proc.stderr.splitlines()
     assert "cannot start: MODEL=klein-5b: Input should be" in line and "Traceback" not in proc.stdout

@@ -187,26 +187,12 @@ def test_fetch_weights_fills_the_cache_once_as_the_image_build_does(tmp_path, we
             "UPSCALER_WEIGHTS_X4": urls[4],
         }
         for _ in range(2):
-            done = subprocess.run(
-                [sys.executable, "-m", "worker", "fetch-weights"],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=BOOT_TIMEOUT_S,
-            )
+            done = _fetch_weights(env)
             assert done.returncode == 0, done.stderr
         assert host.count("/releases/RealESRGAN_x2plus.pth") == 1
         assert host.count("/releases/RealESRGAN_x4plus.pth") == 1
         missing = {**env, "UPSCALER_WEIGHTS_X4": host.url + "/status/404/x4.pth"}
-        failed = subprocess.run(
-            [sys.executable, "-m", "worker", "fetch-weights"],
-            cwd=ROOT,
-            env=missing,
-            capture_output=True,
-            text=True,
-            timeout=BOOT_TIMEOUT_S,
-        )
+        failed = _fetch_weights(missing)
     finally:
         host.close()
     assert failed.returncode == 3
@@ -217,3 +203,14 @@ def test_fetch_weights_fills_the_cache_once_as_the_image_build_does(tmp_path, we
         "RealESRGAN_x2plus.pth",
         "RealESRGAN_x4plus.pth",
     ]
+
+
+def _fetch_weights(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "fetch-weights"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BOOT_TIMEOUT_S,
+    )
