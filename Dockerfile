@@ -71,6 +71,8 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY handlers ./handlers
 COPY provisioning ./provisioning
+COPY klein_facts ./klein_facts
+COPY measurement ./measurement
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # ---------------------------------------------------------------------------------------------------
