@@ -15,8 +15,8 @@ job. Repeated ``--runs`` times, each a fresh process; medians reported.
 With ``--save-tiny DIR`` the tiny pipeline is written with ``save_pretrained`` and the worker loads
 it as ``MODEL=klein-4b MODEL_PATH=DIR``: the disk-loading path a real deployment takes. On a GPU,
 ``--save-random klein-4b --save-dir DIR`` writes the full-size architecture with random weights
-(``random_weights.py``, ~16 GB for 4B) the same way: a true cold start from local disk without
-downloading the gated weights.
+(``measurement/random_weights.py``, ~16 GB for 4B) the same way: a true cold start from local disk
+without downloading the gated weights.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from worker.local import LocalStack, start_local_stack
 
-from worker.local import LocalStack, start_local_stack  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.save_random:
         if args.save_dir is None:
             raise SystemExit("--save-random needs --save-dir")
-        from handlers.engines.random_weights import build_random_pipeline
+        from measurement.random_weights import build_random_pipeline
 
         build_random_pipeline(args.save_random, device="cuda").save_pretrained(args.save_dir)
         model, model_path = args.save_random, str(args.save_dir)

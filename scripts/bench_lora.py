@@ -34,17 +34,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
-from bench_gpu import PROMPT, Meter, build_pipeline, environment
 from safetensors.torch import save_file
 
 from handlers.engines.klein import KleinEngine, build_engine
 from handlers.engines.lora import create_lora_adapters
 from handlers.engines.speed import compile_pipeline
 from handlers.lora_files import AdapterFile
+from measurement.engines import build_pipeline
+from measurement.environment import environment
+from measurement.meter import Meter
+from measurement.workload import PROMPT
 
 logger = logging.getLogger("bench_lora")
 

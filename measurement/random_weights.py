@@ -113,6 +113,10 @@ def build_random_pipeline(
     # Pad prompts to the real length: the text encoder's cost depends on it.
     tokenizer.model_max_length = REAL_MAX_SEQUENCE_LENGTH
     torch.manual_seed(seed)
+    # Any: diffusers' model classes reach mypy without torch.nn.Module's methods (pyproject's
+    # override covers handlers.engines.* for the same reason).
+    transformer: Any
+    vae: Any
     with _building_on(target, dtype):
         transformer = Flux2Transformer2DModel(**TRANSFORMER_CONFIGS[model])
         text_config = Qwen3Config(**TEXT_ENCODER_CONFIGS[model])
