@@ -1,14 +1,24 @@
-"""What a handler needs from the outside world, as protocols.
+"""The seams between the worker and the handlers, as types.
 
-The worker passes real implementations in (``worker.transfer.TransferClient``); handlers
-depend only on these shapes, which keeps the import direction worker -> handlers.
+``Transfer`` is what a handler calls on the outside world; the worker passes the real one in
+(``worker.transfer.TransferClient``). ``Handler`` is how the worker calls a handler, and
+``Finished`` what it gets back: the result's ``output`` together with the job's status and stage
+timings, so the worker never reads them out of the output's shape. Handlers depend only on these,
+which keeps the import direction worker -> handlers.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, TypeVar
 
 from PIL import Image
+from pydantic import BaseModel
+
+from handlers.engine_set import Engines
+
+InputT = TypeVar("InputT", contravariant=True)
 
 
 class Transfer(Protocol):
@@ -27,3 +37,20 @@ class Transfer(Protocol):
     def upload(self, url: str, data: bytes, content_type: str, *, field: str = "upload_url") -> str:
         """PUT bytes to a presigned URL; return it without its query string, or raise ``UploadFailed``."""
         ...
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A handler's return: ``output`` is the result's ``output`` object (SPEC section 2);
+    ``status`` is ``partial`` when some of a batch's items failed; ``timings`` holds the job's
+    ``timing_*`` figures (milliseconds) for its log line and the stage metrics."""
+
+    output: BaseModel
+    status: Literal["succeeded", "partial"] = "succeeded"
+    timings: Mapping[str, int] = field(default_factory=dict)
+
+
+class Handler(Protocol[InputT]):
+    """A job handler: validated input in, ``Finished`` out, or a ``JobError`` raised."""
+
+    def __call__(self, inp: InputT, /, *, engines: Engines, transfer: Transfer) -> Finished: ...
