@@ -1,24 +1,20 @@
-"""The seams between the worker and the handlers, as types.
+"""What passes between the worker and a handler, as types.
 
 ``Transfer`` is what a handler calls on the outside world; the worker passes the real one in
-(``worker.transfer.TransferClient``). ``Handler`` is how the worker calls a handler, and
-``Finished`` what it gets back: the result's ``output`` together with the job's status and stage
-timings, so the worker never reads them out of the output's shape. Handlers depend only on these,
-which keeps the import direction worker -> handlers.
+(``worker.transfer.TransferClient``). ``Finished`` is what a handler hands back: the result's
+``output`` together with the job's status and stage timings, so the worker never reads them out
+of the output's shape. Handlers depend only on these shapes, which keeps the import direction
+worker -> handlers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 from PIL import Image
 from pydantic import BaseModel
-
-from handlers.engine_set import Engines
-
-InputT = TypeVar("InputT", contravariant=True)
 
 
 class Transfer(Protocol):
@@ -48,9 +44,3 @@ class Finished:
     output: BaseModel
     status: Literal["succeeded", "partial"] = "succeeded"
     timings: Mapping[str, int] = field(default_factory=dict)
-
-
-class Handler(Protocol[InputT]):
-    """A job handler: validated input in, ``Finished`` out, or a ``JobError`` raised."""
-
-    def __call__(self, inp: InputT, /, *, engines: Engines, transfer: Transfer) -> Finished: ...

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from handlers.dispatch import Handler
 from handlers.engine_set import Engines
 from handlers.errors import JobError
-from handlers.ports import Handler, Transfer
+from handlers.ports import Transfer
 from handlers.schemas import Limits
 from worker.contract import Job, JobResult, Status, parse_job, peek_identity, utc_now
 from worker.cost import ShareClock, cost_usd
