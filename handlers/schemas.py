@@ -12,16 +12,25 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-OutputFormat = Literal["png", "jpeg", "webp"]
+from klein_facts.jobs import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_REFERENCES,
+    DEFAULT_QUALITY,
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    OutputFormat,
+)
 
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
+Quality = Annotated[int, Field(ge=1, le=100)]
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch: int = 8
-    max_references: int = 16
-    max_loras: int = 2
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_references: int = DEFAULT_MAX_REFERENCES
+    max_loras: int = DEFAULT_MAX_LORAS
 
     def as_context(self) -> dict[str, int]:
         return {
@@ -108,7 +117,7 @@ class GenerateInput(_Strict):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - 64)
     upscale: Literal[2, 4] | None = None
     output_format: OutputFormat = "png"
-    quality: int = Field(default=90, ge=1, le=100)
+    quality: Quality = DEFAULT_QUALITY
     loras: list[LoraRef] = Field(default_factory=list)
 
     @field_validator("prompts")
@@ -162,7 +171,7 @@ class UpscaleInput(_Strict):
     upload_url: HttpUrl
     scale: Literal[2, 4] = 4
     output_format: OutputFormat = "png"
-    quality: int = Field(default=90, ge=1, le=100)
+    quality: Quality = DEFAULT_QUALITY
 
     @field_validator("image_url", "upload_url")
     @classmethod

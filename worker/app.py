@@ -10,7 +10,8 @@ from typing import Any
 
 from handlers.dispatch import Engines, handler_table
 from handlers.schemas import Limits
-from worker.boot import build_engines, choose_variant, read_profile
+from klein_facts.jobs import DEFAULT_MAX_REFERENCES
+from worker.boot import build_engines
 from worker.config import Settings
 from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
@@ -22,11 +23,10 @@ from worker.runner import Runner
 from worker.sqs import SqsJobSource, SqsResultSink, make_sqs_client
 from worker.telemetry import Telemetry
 from worker.transfer import TransferClient
+from worker.variant import choose_variant, read_profile
 from worker.vast_self import destroy_own_instance
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_REFERENCES = 10  # what a 24 GB card holds at 1024x1024 with 4B BF16 (seed benchmark)
 
 
 def boot_engines(settings: Settings) -> Engines:

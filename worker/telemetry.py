@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from worker.gpu import nvml
+
 log = logging.getLogger(__name__)
 
 # Job durations span 50 ms (tiny upscale) to minutes (a batch of 8 at 2048 with references).
@@ -42,22 +44,15 @@ class _GpuMemoryCollector:
 
 
 def nvml_memory() -> list[tuple[int, int, int]]:
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:  # no driver: no GPU figures, not an error
-        return []
-    try:
+    """(index, used bytes, total bytes) per GPU; [] without a driver (no GPU figures, not an error)."""
+    with nvml(missing_level=logging.DEBUG) as pynvml:
+        if pynvml is None:
+            return []
         rows = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
             rows.append((index, int(info.used), int(info.total)))
         return rows
-    finally:
-        pynvml.nvmlShutdown()
 
 
 class Telemetry:
