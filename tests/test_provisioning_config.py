@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from provisioning.config import load_settings, masked_env
+from provisioning.config import load_settings
+from provisioning.launch_env import masked_env
 from provisioning.models import Offer
 from provisioning.throughput import BenchmarkProfile, ThroughputModel, load_profiles, normalize_gpu_name
 
