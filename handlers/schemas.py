@@ -13,10 +13,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from klein_facts.jobs import (
+    DEFAULT_HEIGHT,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_LORAS,
     DEFAULT_MAX_REFERENCES,
     DEFAULT_QUALITY,
+    DEFAULT_WIDTH,
     MAX_SIDE,
     MIN_SIDE,
     SIDE_MULTIPLE,
@@ -110,8 +112,8 @@ class GenerateInput(_Strict):
     prompts: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(min_length=1)
     upload_urls: list[HttpUrl] = Field(min_length=1)
     images: list[ImageRef] = Field(default_factory=list)
-    width: int = 1024
-    height: int = 1024
+    width: int = DEFAULT_WIDTH
+    height: int = DEFAULT_HEIGHT
     num_steps: int = Field(default=4, ge=1, le=50)
     guidance_scale: float = Field(default=1.0, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - 64)

@@ -15,6 +15,9 @@ DEFAULT_QUALITY = 90  # JPEG/WebP quality when a job names none
 
 # Output sides, in pixels; the pipeline's latent grid needs multiples of 16.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
+# A job's size when it names none: what the benchmark's reference-limit figures and the warm-up's
+# compiled shape are for.
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 1024
 
 # Prompts per job: MAX_BATCH's default, and the most it may be set to.
 DEFAULT_MAX_BATCH = 8

@@ -12,8 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The official Real-ESRGAN release files, checksum-pinned where they are defined (torch-free module).
 from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL
 from klein_facts.jobs import (
+    DEFAULT_HEIGHT,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_LORAS,
+    DEFAULT_WIDTH,
     MAX_BATCH_CAP,
     MAX_DOWNLOAD_BYTES,
     MAX_DOWNLOAD_PIXELS,
@@ -125,7 +127,7 @@ class Settings(BaseSettings):
     # comma-separated; unset = $HF_HOME/klein-worker/compile-cache; "off" = compile every boot.
     compile_cache: str | None = None
     # The sizes the warm-up compiles, WxH[:BATCH] comma-separated; any other shape runs eager.
-    compile_sizes: str = "1024x1024"
+    compile_sizes: str = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}"
     torchinductor_cache_dir: str | None = None
     # A diffusers attention backend for the transformer (e.g. _native_cudnn); unset = diffusers' default.
     attention_backend: str | None = None
