@@ -16,7 +16,7 @@ Model = Literal["klein-4b", "klein-9b", "tiny"]
 ModelSetting = Literal["auto", Model]
 MODELS: tuple[Model, ...] = get_args(Model)
 # The FLUX.2-klein checkpoints proper (what MODEL=auto may choose and the fleet may rent for).
-KLEIN_MODELS: tuple[Model, ...] = ("klein-4b", "klein-9b")
+KLEIN_MODELS: tuple[Model, ...] = tuple(m for m in MODELS if m != "tiny")
 
 # Weight quantizations; "none" is the checkpoint's own bf16.
 Quantization = Literal["none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]
