@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Literal
 
 from PIL import Image
 
 from handlers.errors import InvalidInput
-
-OutputFormat = Literal["png", "jpeg", "webp"]
+from klein_facts.jobs import DEFAULT_QUALITY, OutputFormat
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -19,7 +17,6 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 PNG_COMPRESS_LEVEL = 1
 # WebP method 2 (of 0..6): about half the time of Pillow's default 4 at the same size, quality 90.
 WEBP_METHOD = 2
-DEFAULT_QUALITY = 90
 # Input images are decoded only as the formats the contract speaks (its output formats): every
 # other Pillow plugin (dozens, some rarely exercised: PSD, EPS via Ghostscript, TGA, ...) is
 # untrusted-input attack surface that no job needs.

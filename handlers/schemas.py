@@ -12,16 +12,27 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-OutputFormat = Literal["png", "jpeg", "webp"]
+from klein_facts.jobs import (
+    DEFAULT_HEIGHT,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_REFERENCES,
+    DEFAULT_QUALITY,
+    DEFAULT_WIDTH,
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    OutputFormat,
+)
 
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
+Quality = Annotated[int, Field(ge=1, le=100)]
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch: int = 8
-    max_references: int = 16
-    max_loras: int = 2
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_references: int = DEFAULT_MAX_REFERENCES
+    max_loras: int = DEFAULT_MAX_LORAS
 
     def as_context(self) -> dict[str, int]:
         return {
@@ -101,14 +112,14 @@ class GenerateInput(_Strict):
     prompts: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(min_length=1)
     upload_urls: list[HttpUrl] = Field(min_length=1)
     images: list[ImageRef] = Field(default_factory=list)
-    width: int = 1024
-    height: int = 1024
+    width: int = DEFAULT_WIDTH
+    height: int = DEFAULT_HEIGHT
     num_steps: int = Field(default=4, ge=1, le=50)
     guidance_scale: float = Field(default=1.0, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - 64)
     upscale: Literal[2, 4] | None = None
     output_format: OutputFormat = "png"
-    quality: int = Field(default=90, ge=1, le=100)
+    quality: Quality = DEFAULT_QUALITY
     loras: list[LoraRef] = Field(default_factory=list)
 
     @field_validator("prompts")
@@ -162,7 +173,7 @@ class UpscaleInput(_Strict):
     upload_url: HttpUrl
     scale: Literal[2, 4] = 4
     output_format: OutputFormat = "png"
-    quality: int = Field(default=90, ge=1, le=100)
+    quality: Quality = DEFAULT_QUALITY
 
     @field_validator("image_url", "upload_url")
     @classmethod

@@ -42,8 +42,8 @@ def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report:
     name, so a bundle seeded by a worker or by benchmark_vram.py is found (and one made here is
     found by them, when the compiled sizes match: ``--batch 1`` compiles 1024x1024:1 only)."""
     from worker import compile_boot
-    from worker.boot import Variant
     from worker.compile_store import open_stores
+    from worker.variant import Variant
 
     backend, dynamic = args.compile_backend, not args.compile_static
     pipeline: Any = engine.pipeline

@@ -20,9 +20,10 @@ def build_vram_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler,
     (COMPILE_CACHE, COMPILE_SIZES from the environment), so this benchmark also seeds the bundle
     the fleet's workers load at boot: random weights compile the very graphs real ones do.
     Returns the boot phases too (compile time, cache state)."""
-    from worker.boot import Variant, compile_stores
     from worker.boot import build_engines as worker_build_engines
+    from worker.boot import compile_stores
     from worker.config import Settings
+    from worker.variant import Variant
 
     on_cuda = (args.device or ("cpu" if args.model == "tiny" else "cuda")).startswith("cuda")
     settings = Settings(

@@ -62,7 +62,7 @@ def profile_identity(
 ) -> dict[str, Any]:
     """The profile's sections that say what was measured where: created_at, gpu, software,
     variant and settings."""
-    from worker.boot import Variant
+    from worker.variant import Variant
 
     variant = Variant(args.model, args.quantization, device.type, "benchmark")
     return {

@@ -19,7 +19,7 @@ import typer
 from provisioning import compose, render
 from provisioning.autoscale import TICK_ERRORS, Tick, destroy_fleet
 from provisioning.cliopts import DryRun, Options, fail, fleet_options, options
-from provisioning.config import masked_env
+from provisioning.launch_env import masked_env
 from provisioning.offers import rank_offers
 from provisioning.simulate import SimConfig, cheapest_static, compare
 from provisioning.traces import PATTERNS, load_trace

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,104 +23,21 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from klein_facts.variants import KLEIN_MODELS, default_quantization
+from provisioning.config_sections import (
+    OfferSettings,
+    PolicySettings,
+    QueueTarget,
+    WorkerSettings,
+    policy_default,
+)
+from provisioning.launch_env import registry_login, worker_env
 from provisioning.offers import VARIANT_MIN_VRAM_GB, OfferRequirements
 from provisioning.policy import PolicyConfig
-from provisioning.throughput import (
-    DEFAULT_IMAGES_PER_SECOND,
-    DLPERF_IMAGES_PER_SECOND,
-    ThroughputModel,
-    load_profiles,
-)
+from provisioning.throughput import ThroughputModel, load_profiles
 from provisioning.vast import DEFAULT_API_URL, LaunchSpec
 
-_REQUIREMENTS = OfferRequirements()
 PLACEHOLDER_OWNER = "OWNER"  # in the default image name: renting it would pull nothing
-
-# Names of environment variables whose values are credentials: shown as *** anywhere they are printed.
-_SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
-
-
-class OfferSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    variant: str = Field(
-        default="klein-4b", description=f"one of {', '.join(VARIANT_MIN_VRAM_GB)}: sets min VRAM"
-    )
-    min_vram_gb: float | None = None  # overrides the variant's figure
-    # Defaults are OfferRequirements' own: one place says what an acceptable offer is.
-    min_reliability: float = _REQUIREMENTS.min_reliability
-    verified: bool = _REQUIREMENTS.verified
-    # The image's torch CUDA build (the Dockerfile's CUDA_FLAVOUR, its io.klein-worker.cuda-flavour
-    # label): hosts whose driver supports less are never rented. min_cuda overrides it.
-    cuda_flavour: str = Field(default="cu128", pattern=r"^cu\d{3}$")
-    min_cuda: float | None = None
-    min_disk_gb: float = _REQUIREMENTS.min_disk_gb
-    min_inet_down_mbps: float = _REQUIREMENTS.min_inet_down_mbps
-    max_gpus: int = _REQUIREMENTS.max_gpus
-    gpu_names: list[str] = Field(default_factory=list)
-    bid_margin: float = 0.10
-
-
-class PolicySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    scale_in_after_s: float = Field(default=300.0, ge=0)
-    min_instance_age_s: float = Field(default=600.0, ge=0)
-    boot_deadline_s: float = Field(default=1200.0, gt=0)
-    avoid_machine_s: float = Field(default=3600.0, ge=0)
-    max_rents_per_tick: int = Field(default=4, ge=1)
-    max_per_host: int = Field(default=2, ge=1)
-    images_per_job: float = Field(default=1.0, gt=0)
-    pending_rent_s: float = Field(default=900.0, ge=0)  # a rent of unknown outcome counts this long
-    cold_max_age_s: float = Field(default=6 * 3600.0, ge=0)  # a cold instance older than this is destroyed
-    resume_deadline_s: float = Field(default=300.0, gt=0)  # a resume not running by then: destroy, rent
-    fill_cold_pool: bool = True  # when demand is met, rent to fill the cold pool (they boot, then stop)
-    unready_after_s: float = Field(default=180.0, gt=0)  # a worker not answering /healthz this long: replace
-    profiles_dir: Path | None = None  # benchmark profile JSON files (scripts/benchmark_vram.py)
-    dlperf_images_per_second: float = Field(default=DLPERF_IMAGES_PER_SECOND, gt=0)
-    default_images_per_second: float = Field(default=DEFAULT_IMAGES_PER_SECOND, gt=0)
-
-
-class WorkerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    disk_gb: float = 40.0
-    runtype: str = "args"
-    onstart: str | None = None
-    # The workers' /healthz port, exposed at rent and probed each tick (readiness.py); 0: not probed.
-    health_port: int = Field(default=9100, ge=0, le=65535)  # the image's METRICS_PORT
-    env: dict[str, str] = Field(default_factory=dict)  # literal values for the worker (MODEL, MAX_BATCH...)
-    pass_env: list[str] = Field(
-        default_factory=lambda: [
-            "RESULT_QUEUE_URL",
-            "AWS_REGION",
-            "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "HF_TOKEN",
-            "WEBHOOK_SECRET",
-        ]
-    )
-    registry_user: str | None = None  # for a private image (GHCR: a user and a read:packages token)
-    registry_token: SecretStr | None = None
-
-    @model_validator(mode="after")
-    def _onstart_needs_a_shell_mode(self) -> WorkerSettings:
-        # In the "args" (entrypoint) mode Vast runs an on-start command in place of the image's
-        # ENTRYPOINT: the worker would never start. docker/vast-onstart.sh is for the ssh/jupyter modes.
-        if self.onstart and self.runtype == "args":
-            raise ValueError(
-                "worker.onstart: with worker.runtype = 'args' Vast runs it instead of the image's "
-                "entrypoint, so no worker would start; drop onstart, or use runtype 'ssh' with "
-                "onstart = 'klein-vast-onstart'"
-            )
-        return self
-
-
-class QueueTarget(BaseModel):
-    """One of the fleet's job queues (``[[queues]]`` in the TOML, highest priority first)."""
-
-    model_config = ConfigDict(extra="forbid")
-    url: str
-    target_wait_s: float | None = Field(default=None, gt=0)  # None: the fleet's target_wait_s
 
 
 class FleetSettings(BaseSettings):
@@ -139,15 +56,16 @@ class FleetSettings(BaseSettings):
         None, validation_alias=AliasChoices("aws_endpoint_url", "AWS_ENDPOINT_URL")
     )
     aws_region: str | None = Field(None, validation_alias=AliasChoices("aws_region", "AWS_REGION"))
-    min_instances: int = Field(0, ge=0)
+    min_instances: int = Field(policy_default("min_instances"), ge=0)
+    # The fleet's own defaults from here to cold_mult (PolicyConfig's are neutral: 10, no cold pool).
     max_instances: int = Field(4, ge=0)
     # Stopped instances kept (disk billed) to resume on scale-out instead of renting; 0: destroy on scale-in.
     cold_pool: int = Field(6, ge=0)
     # ... or this many per live instance when more (Vast serverless' cold_mult): scale-in stops a burst's
     # fleet whole, so the next burst resumes it in ~90 s instead of renting for ~7 minutes. 0: the floor only.
     cold_mult: float = Field(2.5, ge=0)
-    target_wait_s: float = Field(120.0, gt=0)
-    max_hourly_usd: float = Field(5.0, ge=0)
+    target_wait_s: float = Field(policy_default("target_wait_s"), gt=0)
+    max_hourly_usd: float = Field(policy_default("max_hourly_usd"), ge=0)
     max_price_per_gpu_hour: float | None = Field(1.0, gt=0)
     interruptible: bool = False
     interval_s: float = Field(60.0, gt=0)
@@ -203,26 +121,15 @@ class FleetSettings(BaseSettings):
         )
 
     def policy_config(self) -> PolicyConfig:
-        p = self.policy
         return PolicyConfig(
             image=self.image,
             min_instances=self.min_instances,
             max_instances=max(self.min_instances, self.max_instances),
             target_wait_s=self.target_wait_s,
             max_hourly_usd=self.max_hourly_usd,
-            scale_in_after_s=p.scale_in_after_s,
-            min_instance_age_s=p.min_instance_age_s,
-            boot_deadline_s=p.boot_deadline_s,
-            avoid_machine_s=p.avoid_machine_s,
-            max_rents_per_tick=p.max_rents_per_tick,
-            max_per_host=p.max_per_host,
-            images_per_job=p.images_per_job,
             cold_pool=self.cold_pool,
             cold_mult=self.cold_mult,
-            cold_max_age_s=p.cold_max_age_s,
-            resume_deadline_s=p.resume_deadline_s,
-            unready_after_s=p.unready_after_s,
-            fill_cold_pool=p.fill_cold_pool,
+            **self.policy.tuning(),
         )
 
     def throughput(self) -> ThroughputModel:
@@ -230,12 +137,10 @@ class FleetSettings(BaseSettings):
         if self.policy.profiles_dir:
             # Only the variant the rented workers run, when the fleet pins MODEL ("auto" pins nothing).
             model = self.worker.env.get("MODEL")
-            if model in ("klein-4b", "klein-9b"):
+            if model in KLEIN_MODELS:
                 quantization = self.worker.env.get("QUANTIZATION", "auto")
                 if quantization == "auto":
-                    # worker.boot.default_quantization's rule, restated: this package must not
-                    # import the worker (test_cli_import_pulls_in_no_torch_and_no_worker).
-                    quantization = "fp8" if model == "klein-9b" else "none"
+                    quantization = default_quantization(model)
                 profiles = load_profiles(self.policy.profiles_dir, model=model, quantization=quantization)
             else:
                 profiles = load_profiles(self.policy.profiles_dir)
@@ -253,24 +158,20 @@ class FleetSettings(BaseSettings):
         if PLACEHOLDER_OWNER in self.image:
             raise ValueError(f"image: {self.image!r} is the placeholder; set the worker image you pushed")
         environ = os.environ if environ is None else environ
-        env = {name: environ[name] for name in self.worker.pass_env if environ.get(name)}
-        env.update(self.worker.env)
-        if len(queues) == 1:
-            env["QUEUE_URL"] = queues[0]
-        else:
-            env["QUEUE_URLS"] = ",".join(queues)
-        if self.worker.health_port:
-            port = self.worker.health_port
-            env["METRICS_PORT"] = str(port)
-            # How Vast's env carries a port mapping (as `vastai --env`). One per GPU the offers allow: the
-            # entrypoint gives the worker on GPU k the port METRICS_PORT+k, and each is probed.
-            for slot in range(max(1, self.offers.max_gpus)):
-                env[f"-p {port + slot}:{port + slot}"] = "1"
-        login = None
-        if self.worker.registry_token is not None:
-            registry = self.image.split("/", 1)[0] if "/" in self.image else "docker.io"
-            user = self.worker.registry_user or "token"
-            login = f"-u {user} -p {self.worker.registry_token.get_secret_value()} {registry}"
+        token = self.worker.registry_token
+        env = worker_env(
+            environ=environ,
+            pass_env=self.worker.pass_env,
+            literal=self.worker.env,
+            queues=queues,
+            health_port=self.worker.health_port,
+            max_gpus=self.offers.max_gpus,
+        )
+        login = registry_login(
+            self.image,
+            user=self.worker.registry_user,
+            token=token.get_secret_value() if token is not None else None,
+        )
         return LaunchSpec(
             image=self.image,
             label=self.fleet,
@@ -323,8 +224,3 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> FleetSet
         model_config = SettingsConfigDict(toml_file=config_file)
 
     return _FromFile(**values)
-
-
-def masked_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The env for display: credential-looking values replaced by ***."""
-    return {k: "***" if any(m in k.upper() for m in _SECRET_MARKERS) else v for k, v in env.items()}

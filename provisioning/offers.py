@@ -6,18 +6,13 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from klein_facts.variants import card_gb_by_variant
 from provisioning.models import Offer
 from provisioning.throughput import Estimate, ThroughputModel
 
-# VRAM each worker variant needs (peak at 1024x1024 plus headroom), from the benchmark seed figures:
-# 4B BF16 peaks at ~17 GB (24 GB cards), 4B FP8 fits 16 GB cards, 9B FP8 peaks at ~26 GB (32 GB cards).
-VARIANT_MIN_VRAM_GB = {
-    "klein-4b": 24.0,
-    "klein-4b-bf16": 24.0,
-    "klein-4b-fp8": 16.0,
-    "klein-9b": 32.0,
-    "klein-9b-fp8": 32.0,
-}
+# Card GB to rent per worker variant ("klein-4b-fp8", or "klein-9b" for its default quantization):
+# klein_facts.variants.VRAM_NEEDS, beside the free memory the worker itself asks for at boot.
+VARIANT_MIN_VRAM_GB = card_gb_by_variant()
 # Offers per search: wide enough that the price-per-hour order of the market cannot hide a fast card.
 OFFER_QUERY_LIMIT = 1000
 # Vast's gpu_ram is in MB and a "24 GB" card reports ~24564: count a GB as 1000 MB so such cards pass.

@@ -29,6 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from klein_facts.variants import KLEIN_MODELS
 from measurement.cold_start import one_run
 from worker.local import start_local_stack
 
@@ -40,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="MODEL for the worker (default tiny)")
     parser.add_argument("--model-path", help="MODEL_PATH: a local diffusers folder")
     parser.add_argument("--save-tiny", type=Path, help="write the tiny pipeline here and load it from disk")
-    parser.add_argument(
-        "--save-random", choices=("klein-4b", "klein-9b"), help="write this full-size random model (GPU)"
-    )
+    parser.add_argument("--save-random", choices=KLEIN_MODELS, help="write this full-size random model (GPU)")
     parser.add_argument("--save-dir", type=Path, help="where --save-random writes (and the worker loads)")
     parser.add_argument("--size", type=int, default=512, help="the first job's square size")
     parser.add_argument("--runs", type=int, default=3)

@@ -31,15 +31,17 @@ import logging
 import sys
 from pathlib import Path
 
+from klein_facts.variants import KLEIN_MODELS, TORCHAO_QUANTIZATIONS, default_quantization
 from measurement.gpu_speed import run_speed_benchmark
 from measurement.speed_report import markdown, save_partial
-from worker.boot import default_quantization
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("klein-4b", "klein-9b"), default="klein-4b")
-    parser.add_argument("--quantization", choices=("none", "fp8", "int8"), help="default: none 4b, fp8 9b")
+    parser.add_argument("--model", choices=KLEIN_MODELS, default="klein-4b")
+    parser.add_argument(
+        "--quantization", choices=("none", *TORCHAO_QUANTIZATIONS), help="default: none 4b, fp8 9b"
+    )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=10)

@@ -32,14 +32,15 @@ from typing import Any
 
 import torch
 
+from klein_facts.variants import KLEIN_MODELS, TORCHAO_QUANTIZATIONS
 from measurement.environment import environment
 from measurement.lora_cost import markdown, measure_mode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("klein-4b", "klein-9b"), default="klein-4b")
-    parser.add_argument("--quantization", choices=("none", "fp8", "int8"), default="none")
+    parser.add_argument("--model", choices=KLEIN_MODELS, default="klein-4b")
+    parser.add_argument("--quantization", choices=("none", *TORCHAO_QUANTIZATIONS), default="none")
     parser.add_argument("--mode", choices=("eager", "compiled", "both"), default="both")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)

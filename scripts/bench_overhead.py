@@ -23,10 +23,11 @@ from PIL import Image
 
 from handlers.imaging import encode_image
 from worker.app import build_runner, job_source
-from worker.boot import Variant, build_engines
+from worker.boot import build_engines
 from worker.config import Settings
 from worker.local import start_local_stack
 from worker.logs import configure_logging
+from worker.variant import Variant
 
 
 class TimedSource:

@@ -30,10 +30,10 @@ from rich.logging import RichHandler
 
 from handlers.engines.klein import KleinEngine, UnsupportedQuantization
 from handlers.engines.upscaler import Upscaler
+from klein_facts.variants import MODELS, QUANTIZATION_SETTINGS, default_quantization
 from measurement.engines import build_vram_engines as build_engines
 from measurement.vram_benchmark import load_failure_profile, run_benchmark
 from measurement.vram_report import markdown_table
-from worker.boot import default_quantization
 from worker.config import Settings
 
 logger = logging.getLogger("benchmark_vram")
@@ -42,13 +42,13 @@ EXIT_FITS = 0
 EXIT_USAGE = 2
 EXIT_DOES_NOT_FIT = 3
 
-QUANTIZATIONS = ("auto", "none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=("tiny", "klein-4b", "klein-9b"))
-    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS, help="auto: fp8 for 9b")
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument(
+        "--quantization", default="auto", choices=QUANTIZATION_SETTINGS, help="auto: fp8 for 9b"
+    )
     parser.add_argument("--random-weights", action="store_true", help="full-size architecture, no download")
     parser.add_argument("--device", default=None, help="cpu/cuda[:N]; default cpu for tiny, else cuda")
     parser.add_argument(

@@ -68,8 +68,9 @@ def stack(moto_stack: LocalStack) -> LocalStack:
 
 @pytest.fixture(scope="session")
 def engines() -> Any:
-    from worker.boot import Variant, build_engines
+    from worker.boot import build_engines
     from worker.config import Settings
+    from worker.variant import Variant
 
     settings = Settings(model="tiny", device="cpu")
     return build_engines(settings, Variant("tiny", "none", "cpu", "tests"))

@@ -10,9 +10,10 @@ import pytest
 
 from klein_facts.profile import BenchmarkProfile
 from worker.app import limits_for
-from worker.boot import BootError, choose_variant, read_profile
+from worker.boot_error import BootError
 from worker.config import Settings
 from worker.gpu import GIB, GpuInfo
+from worker.variant import choose_variant, read_profile
 
 
 def gpu(name: str, total_gib: float, free_gib: float, cc: tuple[int, int] = (8, 9)) -> GpuInfo:

@@ -236,7 +236,8 @@ def test_an_unreachable_store_is_a_warning_and_a_miss(
 
 
 def test_a_bad_compile_cache_value_is_a_boot_error(tmp_path: Path) -> None:
-    from worker.boot import BootError, compile_stores
+    from worker.boot import compile_stores
+    from worker.boot_error import BootError
     from worker.config import Settings
 
     with pytest.raises(BootError, match="neither a folder nor s3://bucket/prefix"):

@@ -258,8 +258,10 @@ def test_gpu_benchmark_compiled_stage_through_the_compile_cache(tmp_path: Path, 
 
 
 def test_attention_backend_is_applied_and_a_wrong_name_is_a_boot_error() -> None:
-    from worker.boot import BootError, Variant, build_engines
+    from worker.boot import build_engines
+    from worker.boot_error import BootError
     from worker.config import Settings
+    from worker.variant import Variant
 
     engine = create_klein_engine(model="tiny", attention_backend="native")
     processors = {

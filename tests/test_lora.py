@@ -19,8 +19,9 @@ from tests.lora_files import make_adapter, wrong_size_adapter, wrong_target_adap
 @pytest.fixture(scope="module")
 def lora_engines(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny worker of its own (adapters get loaded into its transformer), cache in a temp folder."""
-    from worker.boot import Variant, build_engines
+    from worker.boot import build_engines
     from worker.config import Settings
+    from worker.variant import Variant
 
     home = tmp_path_factory.mktemp("hf-home")
     settings = Settings(model="tiny", device="cpu", hf_home=str(home))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from provisioning.config import load_settings, masked_env
+from provisioning.config import load_settings
+from provisioning.launch_env import masked_env
 from provisioning.models import Offer
 from provisioning.throughput import LooseProfile as BenchmarkProfile
 from provisioning.throughput import ThroughputModel, load_profiles, normalize_gpu_name
@@ -174,7 +175,7 @@ def test_state_path_defaults_under_xdg_state_home(tmp_path):
         ),
         ({"gpu": {"name": "x"}, "measurements": {"1024x1024": {"median_s": 0.8}}}, 1.25),
         ({"gpu": {"name": "x"}, "measurements": []}, None),
-        (  # the shape scripts/benchmark_vram.py writes (worker/profile.py), trimmed
+        (  # the shape scripts/benchmark_vram.py writes (klein_facts/profile.py), trimmed
             {
                 "schema_version": 1,
                 "gpu": {"name": "NVIDIA GeForce RTX 4090", "total_bytes": 25_393_692_672},

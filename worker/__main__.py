@@ -31,7 +31,7 @@ def _default(ctx: typer.Context) -> None:
 def run() -> None:
     """Boot (GPU probe, model choice, preload) and poll the queue until SIGTERM."""
     from worker.app import serve
-    from worker.boot import BootError
+    from worker.boot_error import BootError
 
     settings = _settings()
     try:
@@ -46,7 +46,9 @@ def fetch_weights() -> None:
     """Download the upscaler checkpoints (UPSCALER_WEIGHTS_X2/_X4) into the cache and exit.
 
     The Dockerfile runs it with BAKE_UPSCALER_WEIGHTS=true, so the image starts with them."""
-    from worker.boot import BootError, Variant, fetch_upscaler_weights, upscaler_for
+    from worker.boot import fetch_upscaler_weights, upscaler_for
+    from worker.boot_error import BootError
+    from worker.variant import Variant
 
     settings = _settings()
     try:

@@ -12,7 +12,8 @@ from typing import Any
 from handlers.dispatch import HANDLERS
 from handlers.engine_set import Engines
 from handlers.schemas import Limits
-from worker.boot import build_engines, choose_variant, read_profile
+from klein_facts.jobs import DEFAULT_MAX_REFERENCES
+from worker.boot import build_engines
 from worker.config import Settings
 from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
@@ -25,11 +26,10 @@ from worker.runner import Runner
 from worker.sqs import SqsJobSource, SqsResultSink, make_sqs_client
 from worker.telemetry import Telemetry
 from worker.transfer import TransferClient
+from worker.variant import choose_variant, read_profile
 from worker.vast_self import destroy_own_instance
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_REFERENCES = 10  # what a 24 GB card holds at 1024x1024 with 4B BF16 (seed benchmark)
 
 
 def boot_engines(settings: Settings) -> Engines:
@@ -143,9 +143,7 @@ def serve(settings: Settings) -> Runner:
     polls = PollHealth()
     telemetry = None
     if settings.metrics_port is not None:
-        telemetry = Telemetry()
-        telemetry.last_poll_ok = polls.last_ok
-        telemetry.poll_failures = polls.failures
+        telemetry = Telemetry(polls=polls)
         telemetry.serve(settings.metrics_port)
     started = time.perf_counter()
     engines = boot_engines(settings)

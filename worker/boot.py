@@ -1,24 +1,24 @@
-"""Boot: probe the GPU, choose the model variant, build the engines, warm up.
+"""Boot: build the engines for the chosen variant (worker/variant.py), load and warm up.
 
-``choose_variant`` is a pure function of (settings, GPUs, profile) so every branch is
-testable with fake NVML readings.
+Every failure here is a ``BootError`` saying what to fix: a bad MODEL_PATH, weights that will not
+load, a quantization backend this build or card lacks, a bad COMPILE_CACHE.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
 from handlers.engine_set import Engines
-from klein_facts.profile import BenchmarkProfile, ProfileError, load_profile
+from worker.boot_error import BootError
 from worker.compile_store import BundleStore, open_stores
-from worker.config import Quantization, Settings
-from worker.gpu import GIB, GpuInfo
+from worker.config import Settings
+from worker.gpu import GIB
+from worker.variant import Variant
 
 if TYPE_CHECKING:
     from handlers.engines.upscaler import Upscaler
@@ -26,125 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Variant:
-    model: str  # tiny | klein-4b | klein-9b
-    quantization: str  # none | fp8 | int8 | nunchaku-int4 | nunchaku-fp4
-    device: str  # cpu | cuda
-    reason: str
-
-    @property
-    def label(self) -> str:
-        if self.model == "tiny":
-            return "flux2-klein-tiny"
-        return f"flux2-{self.model}-{'bf16' if self.quantization == 'none' else self.quantization}"
-
-
-# Memory a variant needs to serve 1024x1024 with a few references, with headroom (GiB).
-# From the seed benchmark (RTX 5090): 4B BF16 peaks at 17.3 GB, 9B FP8 at 26.3 GB;
-# 4B FP8 halves the transformer and text encoder weights (~9 GB at rest).
-NEEDS_GIB: dict[tuple[str, str], float] = {
-    ("klein-9b", "fp8"): 30.0,
-    ("klein-4b", "none"): 21.0,
-    ("klein-4b", "fp8"): 12.0,
-}
-
-
-class BootError(RuntimeError):
-    """The worker cannot serve on this machine; the message says why and what would.
-
-    ``transient``: the cause may pass by itself (a weights host answering 5xx or timing out): the
-    process exits 1 so the entrypoint restarts it with backoff, instead of 3, which ends the container.
-    """
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
 # What diffusers/huggingface_hub/safetensors raise for weights that are missing, partial, corrupt,
 # gated or unreachable: OSError covers the hub's HTTP and offline errors, ValueError and
 # safetensors' own error a folder whose files do not match its configs.
 WEIGHT_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SafetensorError)
-
-
-def choose_variant(
-    settings: Settings, gpus: list[GpuInfo], profile: BenchmarkProfile | None = None
-) -> Variant:
-    gpu = gpus[0] if gpus else None
-    device = settings.device or ("cuda" if gpu else "cpu")
-    if settings.model == "tiny":
-        return Variant("tiny", "none", device, "MODEL=tiny")
-    if gpu is None and device != "cpu":
-        raise BootError(
-            f"MODEL={settings.model} needs an NVIDIA GPU and none was found; use MODEL=tiny on CPU"
-        )
-    if settings.model != "auto":
-        quant = settings.quantization
-        if quant == "auto":
-            quant = default_quantization(settings.model)
-        return Variant(settings.model, quant, device, f"MODEL={settings.model}")
-    if gpu is None:
-        raise BootError(
-            "MODEL=auto found no NVIDIA GPU; set MODEL=tiny to run the random-weight model on CPU"
-        )
-    if profile is not None:
-        return _from_profile(settings, profile, gpu, device)
-    return _auto(settings, gpu, device)
-
-
-def default_quantization(model: str) -> Quantization:
-    """What QUANTIZATION=auto means once MODEL is pinned: FP8 for klein-9B, full precision else."""
-    return "fp8" if model == "klein-9b" else "none"
-
-
-def _from_profile(settings: Settings, profile: BenchmarkProfile, gpu: GpuInfo, device: str) -> Variant:
-    """MODEL=auto with a benchmark profile: its measured recommendation decides."""
-    rec = profile.recommendation
-    measured_on = profile.gpu.name if profile.gpu else "no GPU"
-    if measured_on != gpu.name:
-        log.warning("benchmark profile was measured on %s, this card is %s", measured_on, gpu.name)
-    if not rec.fits or rec.model is None:
-        raise BootError(
-            f"{gpu.name}: the benchmark profile {settings.benchmark_profile} says no klein variant fits "
-            f"({rec.reason})"
-        )
-    if rec.model == "klein-9b" and not settings.allow_non_commercial:
-        raise BootError(
-            "the benchmark profile recommends klein-9b, whose weights are non-commercial: set "
-            "ALLOW_NON_COMMERCIAL=true or MODEL=klein-9b to accept, or benchmark klein-4b"
-        )
-    quant = rec.quantization or "none"
-    return Variant(rec.model, quant, device, f"benchmark profile ({measured_on}): {rec.reason}")
-
-
-def read_profile(settings: Settings) -> BenchmarkProfile | None:
-    if not settings.benchmark_profile:
-        return None
-    try:
-        return load_profile(settings.benchmark_profile)
-    except ProfileError as exc:
-        raise BootError(str(exc)) from exc
-
-
-def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
-    allow_9b = settings.allow_non_commercial
-    free = gpu.free_bytes / GIB
-    for (model, quant), need in NEEDS_GIB.items():
-        if model == "klein-9b" and not allow_9b:
-            continue
-        if settings.quantization not in ("auto", quant):
-            continue
-        if free >= need:
-            if quant == "fp8" and not gpu.has_fp8:
-                log.info("%s has no FP8 tensor cores: fp8 runs weight-only there (smaller, slower)", gpu.name)
-            reason = f"{gpu.name}: {free:.1f} GiB free >= {need:.0f} GiB needed by {model} {quant}"
-            return Variant(model, quant, device, reason)
-    smallest = min(NEEDS_GIB.values())
-    raise BootError(
-        f"{gpu.name} has {free:.1f} GiB free of {gpu.total_gib:.1f} GiB; the smallest klein variant "
-        f"(klein-4b fp8) needs {smallest:.0f} GiB. Use a card with more memory or free it."
-    )
 
 
 def build_engines(settings: Settings, variant: Variant) -> Engines:

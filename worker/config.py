@@ -11,11 +11,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The official Real-ESRGAN release files, checksum-pinned where they are defined (torch-free module).
 from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL
-
-ModelName = Literal["auto", "klein-4b", "klein-9b", "tiny"]
-Quantization = Literal["auto", "none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]
-
-MIB = 1024 * 1024
+from klein_facts.jobs import (
+    DEFAULT_HEIGHT,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_WIDTH,
+    MAX_BATCH_CAP,
+    MAX_DOWNLOAD_BYTES,
+    MAX_DOWNLOAD_PIXELS,
+    MAX_LORAS_CAP,
+    MAX_REFERENCES_CAP,
+    MAX_SIDE,
+    MIB,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+)
+from klein_facts.variants import ModelSetting, QuantizationSetting
 
 # Where AWS_REGION is not set and the queue URL names none (ElasticMQ, moto, LocalStack).
 FALLBACK_REGION = "us-east-1"
@@ -38,8 +49,12 @@ def parse_sizes(text: str) -> tuple[tuple[int, int, int], ...]:
         except ValueError:
             raise ValueError(f"COMPILE_SIZES: {item!r} is not WIDTHxHEIGHT[:BATCH]") from None
         # The job limits (SPEC section 2): a size no job can ask for is not worth compiling.
-        if not (1 <= shape[0] <= 64 and all(256 <= side <= 2048 and side % 16 == 0 for side in shape[1:])):
-            raise ValueError(f"COMPILE_SIZES: {item!r} needs sides 256..2048 in multiples of 16, batch 1..64")
+        sides_ok = all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0 for side in shape[1:])
+        if not (1 <= shape[0] <= MAX_BATCH_CAP and sides_ok):
+            raise ValueError(
+                f"COMPILE_SIZES: {item!r} needs sides {MIN_SIDE}..{MAX_SIDE} in multiples of "
+                f"{SIDE_MULTIPLE}, batch 1..{MAX_BATCH_CAP}"
+            )
         shapes.append(shape)
     return tuple(shapes)
 
@@ -56,8 +71,8 @@ class Settings(BaseSettings):
     # Unset: the region in QUEUE_URL (https://sqs.eu-west-1.amazonaws.com/...), else us-east-1.
     aws_region: str = Field(default="", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
 
-    model: ModelName = "auto"
-    quantization: Quantization = "auto"
+    model: ModelSetting = "auto"
+    quantization: QuantizationSetting = "auto"
     model_path: str | None = None
     hf_token: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_TOKEN")
@@ -69,8 +84,9 @@ class Settings(BaseSettings):
     device: str | None = None  # "cpu"/"cuda"; None = cuda when available
     cuda_visible_devices: str | None = None
 
-    max_batch: int = Field(default=8, ge=1, le=64)
-    max_references: int | None = Field(default=None, ge=0, le=64)  # None: from the profile, else built-in
+    max_batch: int = Field(default=DEFAULT_MAX_BATCH, ge=1, le=MAX_BATCH_CAP)
+    # None: from the benchmark profile, else klein_facts.jobs.DEFAULT_MAX_REFERENCES (worker/app.py).
+    max_references: int | None = Field(default=None, ge=0, le=MAX_REFERENCES_CAP)
     max_attempts: int = Field(default=3, ge=1, le=100)
     visibility_timeout: int = Field(default=120, ge=5, le=43200)
     shutdown_grace_seconds: float = Field(default=25.0, ge=0)
@@ -84,14 +100,13 @@ class Settings(BaseSettings):
     retry_backoff_seconds: int = Field(default=10, ge=0, le=900)  # first retry delay; doubles per attempt
 
     allow_private_urls: bool = False
-    max_download_bytes: int = Field(default=32 * MIB, ge=1)
-    # 8192x8192: above any camera, below Pillow's own bomb threshold (see worker/transfer.py).
-    max_download_pixels: int = Field(default=8192 * 8192, ge=1)
+    max_download_bytes: int = Field(default=MAX_DOWNLOAD_BYTES, ge=1)
+    max_download_pixels: int = Field(default=MAX_DOWNLOAD_PIXELS, ge=1)
     webhook_secret: SecretStr | None = None
 
     # Per-job LoRA adapters (handlers/engines/lora.py). 0 turns them off (and, when compiled, the
     # hotswap slots with their per-image cost).
-    max_loras: int = Field(default=2, ge=0, le=8)
+    max_loras: int = Field(default=DEFAULT_MAX_LORAS, ge=0, le=MAX_LORAS_CAP)
     # A FLUX LoRA of rank 128 on all of klein-9B's layers is ~0.5 GB in bf16; more is not an adapter.
     max_lora_bytes: int = Field(default=512 * MIB, ge=1)
     lora_cache_gb: float = Field(default=10.0, ge=0)  # adapter files on disk, LRU by content hash
@@ -112,7 +127,7 @@ class Settings(BaseSettings):
     # comma-separated; unset = $HF_HOME/klein-worker/compile-cache; "off" = compile every boot.
     compile_cache: str | None = None
     # The sizes the warm-up compiles, WxH[:BATCH] comma-separated; any other shape runs eager.
-    compile_sizes: str = "1024x1024"
+    compile_sizes: str = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}"
     torchinductor_cache_dir: str | None = None
     # A diffusers attention backend for the transformer (e.g. _native_cudnn); unset = diffusers' default.
     attention_backend: str | None = None

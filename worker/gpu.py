@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +37,34 @@ class GpuInfo:
         return self.compute_capability >= (8, 9)
 
 
-def probe_gpus(visible_devices: str | None = None) -> list[GpuInfo]:
-    """Every GPU visible to this process (``CUDA_VISIBLE_DEVICES`` passed in by the caller), or []."""
+@contextmanager
+def nvml(*, missing_level: int = logging.INFO) -> Iterator[ModuleType | None]:
+    """NVML, initialised for the block and shut down after it; None where no NVIDIA driver answers
+    (logged at ``missing_level``: a boot says so, a metrics scrape every few seconds need not)."""
     try:
         import pynvml
     except ImportError:
-        return []
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            log.log(missing_level, "no NVIDIA driver reachable (%s): running without a GPU", exc)
+            pynvml = None
+    if pynvml is None:
+        yield None
+        return
     try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        log.info("no NVIDIA driver reachable (%s): running without a GPU", exc)
-        return []
-    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def probe_gpus(visible_devices: str | None = None) -> list[GpuInfo]:
+    """Every GPU visible to this process (``CUDA_VISIBLE_DEVICES`` passed in by the caller), or []."""
+    with nvml() as pynvml:
+        if pynvml is None:
+            return []
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
         cuda_raw = pynvml.nvmlSystemGetCudaDriverVersion()
         cuda = f"{cuda_raw // 1000}.{(cuda_raw % 1000) // 10}"
@@ -66,8 +85,6 @@ def probe_gpus(visible_devices: str | None = None) -> list[GpuInfo]:
                 )
             )
         return gpus
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def _visible_indices(count: int, visible: str | None) -> list[int]:

@@ -19,6 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from worker.gpu import nvml
+from worker.poll_health import PollHealth
+
 log = logging.getLogger(__name__)
 
 # Job durations span 50 ms (tiny upscale) to minutes (a batch of 8 at 2048 with references).
@@ -42,26 +45,24 @@ class _GpuMemoryCollector:
 
 
 def nvml_memory() -> list[tuple[int, int, int]]:
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:  # no driver: no GPU figures, not an error
-        return []
-    try:
+    """(index, used bytes, total bytes) per GPU; [] without a driver (no GPU figures, not an error)."""
+    with nvml(missing_level=logging.DEBUG) as pynvml:
+        if pynvml is None:
+            return []
         rows = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
             rows.append((index, int(info.used), int(info.total)))
         return rows
-    finally:
-        pynvml.nvmlShutdown()
 
 
 class Telemetry:
-    def __init__(self, *, gpu_memory: Callable[[], list[tuple[int, int, int]]] = nvml_memory) -> None:
+    def __init__(
+        self,
+        *,
+        polls: PollHealth | None = None,
+        gpu_memory: Callable[[], list[tuple[int, int, int]]] = nvml_memory,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.jobs = Counter("klein_jobs_total", "Jobs settled", ["type", "status"], registry=self.registry)
         self.job_seconds = Histogram(
@@ -95,9 +96,8 @@ class Telemetry:
             "klein_model_loaded", "1 while the generation model is in memory", registry=self.registry
         )
         self.registry.register(_GpuMemoryCollector(gpu_memory))
-        self.last_poll_ok: Callable[[], float | None] = lambda: None
-        # Receives failed in a row: botocore has already retried each of them, so one is an outage.
-        self.poll_failures: Callable[[], int] = lambda: 0
+        # The runner's receives (written by its poll loop): a worker that never polled is not healthy.
+        self.polls = polls if polls is not None else PollHealth()
         self.booted = False
         self.loaded: Callable[[], bool] = lambda: False
         self.boot: dict[str, Any] = {}  # boot phases and compile-cache state, as in the ready log line
@@ -140,9 +140,9 @@ class Telemetry:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         loaded = self.loaded()
-        last = self.last_poll_ok()
+        last = self.polls.last_ok()
         age = None if last is None else time.monotonic() - last
-        failures = self.poll_failures()
+        failures = self.polls.failures()
         queue_ok = age is not None and age < HEALTHY_POLL_AGE and failures == 0
         return self.booted and queue_ok, {
             "booted": self.booted,

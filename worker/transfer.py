@@ -22,6 +22,8 @@ from PIL import Image
 
 from handlers.errors import DownloadFailed, InvalidInput, JobError, UploadFailed
 from handlers.imaging import decode_image
+from klein_facts.jobs import MAX_DOWNLOAD_BYTES as DEFAULT_MAX_DOWNLOAD_BYTES
+from klein_facts.jobs import MAX_DOWNLOAD_PIXELS as DEFAULT_MAX_PIXELS
 from worker.hub_files import HubFiles
 from worker.urls import HostResolutionError, PinnedAddressAdapter, UrlGuard, redact_url
 
@@ -29,11 +31,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# SPEC's MAX_DOWNLOAD_BYTES default.
-DEFAULT_MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
-# 8192x8192: above any camera (~50 MP) and any input the contract can use, below Pillow's own
-# bomb threshold (~89 MP), and the decoded RGB copy stays under 200 MiB of host memory.
-DEFAULT_MAX_PIXELS = 8192 * 8192
 # Enough for CDN -> bucket hops; more is a loop or an attempt to walk the guard.
 MAX_REDIRECTS = 5
 USER_AGENT = "klein-worker"

@@ -21,8 +21,6 @@ from PIL import Image
 
 from handlers.engines.lora import LoraAdapters, create_lora_adapters
 from handlers.engines.quantize import (
-    NUNCHAKU_QUANTIZATIONS,
-    TORCHAO_QUANTIZATIONS,
     Capability,
     check_quantization,
     device_capability,
@@ -40,6 +38,7 @@ from handlers.engines.speed import (
     truncate_text_encoder,
 )
 from handlers.errors import InvalidInput
+from klein_facts.variants import NUNCHAKU_QUANTIZATIONS, TORCHAO_QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 

@@ -31,11 +31,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from klein_facts.variants import NUNCHAKU_QUANTIZATIONS, QUANTIZATIONS, TORCHAO_QUANTIZATIONS
 
-KNOWN_QUANTIZATIONS = ("none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4")
-TORCHAO_QUANTIZATIONS = ("fp8", "int8")
-NUNCHAKU_QUANTIZATIONS = ("nunchaku-int4", "nunchaku-fp4")
+logger = logging.getLogger(__name__)
 
 # torch._scaled_mm and the int8 kernels need both matrix sides to be multiples of 16.
 QUANT_ALIGNMENT = 16
@@ -193,8 +191,8 @@ def check_quantization(
     """Refuse an unknown or unusable ``quantization`` before any weight loads."""
     if quantization == "auto":
         raise ValueError("quantization 'auto' must be resolved to a concrete choice at boot")
-    if quantization not in KNOWN_QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; expected one of {KNOWN_QUANTIZATIONS}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATIONS}")
     if quantization in NUNCHAKU_QUANTIZATIONS:
         check_nunchaku(quantization, capability=capability, transformer_path=nunchaku_transformer)
     elif quantization in TORCHAO_QUANTIZATIONS and importlib.util.find_spec("torchao") is None:
