@@ -33,7 +33,7 @@ from provisioning.config_sections import (
 )
 from provisioning.launch_env import registry_login, worker_env
 from provisioning.offers import VARIANT_MIN_VRAM_GB, OfferRequirements
-from provisioning.policy import PolicyConfig
+from provisioning.policy_inputs import PolicyConfig
 from provisioning.throughput import ThroughputModel, load_profiles
 from provisioning.vast import DEFAULT_API_URL, LaunchSpec
 

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from provisioning.offers import VARIANT_MIN_VRAM_GB, OfferRequirements
-from provisioning.policy import PolicyConfig
+from provisioning.policy_inputs import PolicyConfig
 from provisioning.throughput import DEFAULT_IMAGES_PER_SECOND, DLPERF_IMAGES_PER_SECOND
 
 _REQUIREMENTS = OfferRequirements()

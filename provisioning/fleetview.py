@@ -14,7 +14,7 @@ from provisioning import coldpool, readiness
 from provisioning.models import Instance, PendingRent, Phase, classify, same_image, started
 
 if TYPE_CHECKING:
-    from provisioning.policy import Observation, PolicyConfig
+    from provisioning.policy_inputs import Observation, PolicyConfig
 
 _PENDING_MATCH_SLACK_S = 120.0  # clock skew between us and Vast when matching a late rent to its instance
 

@@ -14,7 +14,7 @@ from provisioning.offers import RankedOffer
 from provisioning.throughput import ThroughputModel
 
 if TYPE_CHECKING:
-    from provisioning.policy import PolicyConfig
+    from provisioning.policy_inputs import PolicyConfig
 
 
 def target_size(sample: QueueSample, *, jobs_per_s: float, gpus: float, config: PolicyConfig) -> int:
