@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from klein_facts.variants import Model
+
 SCHEMA_VERSION: Literal[1] = 1
 
 
@@ -41,7 +43,7 @@ class SoftwareSection(_Model):
 
 
 class VariantSection(_Model):
-    model: Literal["tiny", "klein-4b", "klein-9b"]
+    model: Model
     quantization: str
     label: str
     device: str

@@ -92,3 +92,16 @@ def card_gb_by_variant() -> dict[str, float]:
         for need in needs:
             table[variant_name(model, need.quantization)] = need.card_gb
     return table
+
+
+def smaller_variant(model: str, quantization: str) -> tuple[Model, Quantization] | None:
+    """The next smaller variant to suggest when ``(model, quantization)`` does not fit (SPEC section 3's
+    ladder): down VRAM_NEEDS' order (9B FP8 -> 4B BF16 -> 4B FP8); a model's BF16 or INT8 outside that
+    table drops to the same model in FP8 first. None at the bottom, and for tiny and nunchaku."""
+    ladder = [(n.model, n.quantization) for n in VRAM_NEEDS]
+    if (model, quantization) in ladder:
+        at = ladder.index((model, quantization))  # type: ignore[arg-type]
+        return ladder[at + 1] if at + 1 < len(ladder) else None
+    if quantization in ("none", "int8"):
+        return next((v for v in ladder if v == (model, "fp8")), None)
+    return None

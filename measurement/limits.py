@@ -10,24 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from klein_facts.jobs import (  # a profile never suggests more than the worker accepts
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    MAX_BATCH_CAP,
+)
 from klein_facts.profile import BatchRun, Limits, Peaks, Recommendation, ReferenceRun, ResolutionRun, size_key
+from klein_facts.variants import smaller_variant
 from worker.gpu import GIB
 
 HEADROOM_FRACTION = 0.10
 HEADROOM_MIN_BYTES = int(1.5 * GIB)
-# Settings.max_batch's upper bound: a profile never suggests more than the worker accepts.
-MAX_BATCH_CAP = 64
 # The size max_references_default describes: the API's default output size.
-DEFAULT_SIZE = (1024, 1024)
-
-# Next smaller variant to suggest when one does not fit (SPEC section 3's ladder).
-SMALLER: dict[tuple[str, str], tuple[str, str]] = {
-    ("klein-9b", "none"): ("klein-9b", "fp8"),
-    ("klein-9b", "int8"): ("klein-9b", "fp8"),
-    ("klein-9b", "fp8"): ("klein-4b", "none"),
-    ("klein-4b", "none"): ("klein-4b", "fp8"),
-    ("klein-4b", "int8"): ("klein-4b", "fp8"),
-}
+DEFAULT_SIZE = (DEFAULT_WIDTH, DEFAULT_HEIGHT)
 
 
 def headroom_bytes(total_bytes: int) -> int:
@@ -179,7 +174,7 @@ def recommend(
 
 def not_fitting(model: str, quantization: str, why: str) -> Recommendation:
     """fits=false, suggesting the next smaller variant (or none when there is none)."""
-    smaller = SMALLER.get((model, quantization))
+    smaller = smaller_variant(model, quantization)
     hint = f"; try MODEL={smaller[0]} QUANTIZATION={smaller[1]}" if smaller else ""
     return Recommendation(
         fits=False,

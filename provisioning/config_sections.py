@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from provisioning.offers import VARIANT_MIN_VRAM_GB, OfferRequirements
 from provisioning.policy_inputs import PolicyConfig
+from provisioning.reconcile import PENDING_RENT_S
 from provisioning.throughput import DEFAULT_IMAGES_PER_SECOND, DLPERF_IMAGES_PER_SECOND
 
 _REQUIREMENTS = OfferRequirements()
@@ -58,8 +59,8 @@ class PolicySettings(BaseModel):
     max_rents_per_tick: int = Field(default=policy_default("max_rents_per_tick"), ge=1)
     max_per_host: int = Field(default=policy_default("max_per_host"), ge=1)
     images_per_job: float = Field(default=policy_default("images_per_job"), gt=0)
-    # The reconciler's, not the policy's: a rent of unknown outcome counts this long (Reconciler's default).
-    pending_rent_s: float = Field(default=900.0, ge=0)
+    # The reconciler's, not the policy's: a rent of unknown outcome counts this long.
+    pending_rent_s: float = Field(default=PENDING_RENT_S, ge=0)
     cold_max_age_s: float = Field(default=policy_default("cold_max_age_s"), ge=0)
     resume_deadline_s: float = Field(default=policy_default("resume_deadline_s"), gt=0)
     fill_cold_pool: bool = policy_default("fill_cold_pool")

@@ -44,6 +44,10 @@ def describe_offer(item: RankedOffer) -> str:
     return f"offer {o.id} ({gpus}{o.gpu_name}, machine {o.machine_id}, host {o.host_id}, ${item.price:.3f}/h)"
 
 
+# How long a rent of unknown outcome (the API call failed or timed out) counts as capacity.
+PENDING_RENT_S = 900.0
+
+
 class Reconciler:
     def __init__(
         self,
@@ -52,7 +56,7 @@ class Reconciler:
         launch: LaunchSpec,
         max_hourly_usd: float,
         interruptible: bool = False,
-        pending_rent_s: float = 900.0,
+        pending_rent_s: float = PENDING_RENT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
