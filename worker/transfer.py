@@ -102,14 +102,6 @@ class TransferClient:
         if self._owns_session:
             self._session.close()
 
-    def check_url(self, url: str, *, field: str) -> None:
-        """Raise ``InvalidInput`` naming ``field`` if the URL may not be fetched; for early validation."""
-        try:
-            self._guard.check(url, field=field)
-        except HostResolutionError:
-            # DNS trouble is no verdict on the job; the transfer itself re-checks and fails closed.
-            logger.debug("could not resolve %s while validating %s", redact_url(url), field)
-
     def download_image(self, url: str, *, field: str = "images") -> Image.Image:
         """Fetch and decode an image (byte-, pixel- and bomb-capped).
 
