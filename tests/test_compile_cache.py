@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import results, s3_image, send, spawn_worker
+from tests.helpers import results, s3_image, send, spawn_worker
 from worker.compile_store import FolderStore, S3Store, fetch, open_stores
 from worker.local import LocalStack
 

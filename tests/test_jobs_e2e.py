@@ -8,7 +8,7 @@ import time
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import queue_counts, results, run_worker, s3_image, send
+from tests.helpers import queue_counts, results, run_worker, s3_image, send
 from tests.scripted_http import png_bytes
 
 

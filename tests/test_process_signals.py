@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import queue_counts, results, run_worker, s3_image, send, spawn_worker
+from tests.helpers import queue_counts, results, run_worker, s3_image, send, spawn_worker
 
 
 def _slow_job(stack, scripted, job_id, seconds):

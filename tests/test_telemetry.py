@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.conftest import results, s3_image, send, spawn_worker
+from tests.helpers import results, s3_image, send, spawn_worker
 
 
 def _free_port() -> int:
