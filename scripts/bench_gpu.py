@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers.engines.klein import KleinEngine, build_engine, prompt_settings
+from handlers.engines.klein import KleinEngine
+from handlers.engines.klein_loader import build_engine, prompt_settings
 from handlers.engines.speed import (
     compile_transformer,
     compile_vae_decoder,

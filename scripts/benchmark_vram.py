@@ -30,7 +30,8 @@ import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
-from handlers.engines.klein import KleinEngine, UnsupportedQuantization
+from handlers.engines.klein import KleinEngine
+from handlers.engines.quantize import UnsupportedQuantization
 from handlers.engines.upscaler import Upscaler
 from worker.boot import default_quantization
 from worker.profile import GIB, BenchmarkProfile, Limits, not_fitting, size_key

@@ -11,14 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.engines.klein import (
-    REAL_MAX_SEQUENCE_LENGTH,
-    REAL_TEXT_ENCODER_OUT_LAYERS,
-    KleinEngine,
-    UnsupportedQuantization,
-    create_klein_engine,
-    load_pipeline,
-)
+from handlers.engines.klein import REAL_MAX_SEQUENCE_LENGTH, REAL_TEXT_ENCODER_OUT_LAYERS, KleinEngine
+from handlers.engines.klein_loader import create_klein_engine, load_pipeline
+from handlers.engines.quantize import UnsupportedQuantization
 from handlers.engines.tiny import (
     TINY_MAX_SEQUENCE_LENGTH,
     TINY_TEXT_ENCODER_OUT_LAYERS,
