@@ -1,80 +1,22 @@
-"""The engines a handler may use, and the job-type -> handler table."""
+"""The job type -> handler table the worker dispatches on, and the shape every handler has."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
-from handlers.errors import JobError, OutOfMemory
-from handlers.gpu_lock import TimedLock
+from handlers.engine_set import Engines
+from handlers.generate import generate
+from handlers.ports import Finished, Transfer
+from handlers.upscale import upscale
 
-if TYPE_CHECKING:
-    from handlers.engines.klein import KleinEngine
-    from handlers.engines.upscaler import Upscaler
-    from handlers.lora_files import LoraFiles
+InputT = TypeVar("InputT", contravariant=True)
 
 
-@dataclass
-class Engines:
-    """Created once at boot and passed to every handler call.
+class Handler(Protocol[InputT]):
+    """A job handler: validated input in, ``Finished`` out, or a ``JobError`` raised."""
 
-    ``gpu`` serialises model work: the runner keeps two jobs in hand so that one job's I/O
-    overlaps the other's inference, never two inferences competing for the same memory.
-    With PRELOAD_MODELS=false, ``klein`` starts as None and ``load_klein`` creates it for the
-    first generate job (an upscale-only worker never loads it).
-    """
-
-    klein: KleinEngine | None
-    upscaler: Upscaler | None
-    gpu: TimedLock = field(default_factory=TimedLock)  # also counts each job's gpu_seconds
-    load_klein: Callable[[], KleinEngine] | None = None
-    label: str | None = None  # the variant's name before its engine exists
-    lora_files: LoraFiles | None = None  # adapter files on disk; None when MAX_LORAS=0
-    boot: dict[str, Any] = field(default_factory=dict)  # boot phases (seconds) and compile-cache state
-
-    @property
-    def model_name(self) -> str:
-        if self.klein is not None:
-            return self.klein.name
-        return self.label or "none"
-
-    @property
-    def can_generate(self) -> bool:
-        return self.klein is not None or self.load_klein is not None
-
-    def generation_engine(self) -> KleinEngine:
-        """The klein engine, created on first use when it was not preloaded. Call with ``gpu``
-        held: loading takes the GPU's memory and time like an inference does."""
-        if self.klein is None:
-            if self.load_klein is None:
-                raise JobError("this worker has no generation model", code="internal", retryable=True)
-            self.klein = self.load_klein()
-            self.load_klein = None
-        return self.klein
-
-    def free_memory(self) -> None:
-        if self.klein is not None:
-            self.klein.free_memory()
+    def __call__(self, inp: InputT, /, *, engines: Engines, transfer: Transfer) -> Finished: ...
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for a GPU out-of-memory error, without importing torch here (handlers stay torch-free)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
-
-
-def oom_error(engines: Engines, what: str) -> OutOfMemory:
-    engines.free_memory()
-    return OutOfMemory(f"GPU out of memory while {what}; ask for a smaller size or fewer references/images")
-
-
-Handler = Callable[..., Any]
-
-
-def handler_table() -> dict[str, Handler]:
-    from handlers.generate import generate
-    from handlers.upscale import upscale
-
-    return {"generate": generate, "upscale": upscale}
+HANDLERS: Mapping[str, Handler[Any]] = {"generate": generate, "upscale": upscale}

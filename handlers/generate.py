@@ -17,23 +17,22 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from handlers.dispatch import Engines, is_oom, oom_error
+from handlers.engine_set import Engines
 from handlers.errors import InvalidInput, JobError
 from handlers.imaging import encode_image
 from handlers.lora_files import AdapterFile
-from handlers.ports import Transfer
+from handlers.oom import is_oom, oom_error
+from handlers.ports import Finished, Transfer
 from handlers.schemas import GeneratedImage, GenerateInput, GenerateOutput
-from handlers.upscale import elapsed_ms, upscale_image
+from handlers.steps import elapsed_ms, stage_timings, upscale_image
 
 if TYPE_CHECKING:
     from handlers.engines.klein import KleinEngine
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1 - 64  # seed + i must stay a valid 64-bit generator seed
 
-
-def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> GenerateOutput:
+def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Finished:
     started = time.perf_counter()
     if not engines.can_generate:
         raise JobError("this worker has no generation model", code="internal", retryable=True)
@@ -88,7 +87,12 @@ def generate(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> Gen
     if not any(r.success for r in results):
         first = results[0].error or {"code": "internal", "message": "no image produced"}
         raise JobError(first["message"], code=first["code"], retryable=False)  # type: ignore[arg-type]
-    return GenerateOutput(results=results, timing_total_ms=elapsed_ms(started))
+    output = GenerateOutput(results=results, timing_total_ms=elapsed_ms(started))
+    return Finished(
+        output,
+        status="succeeded" if all(r.success for r in results) else "partial",
+        timings=stage_timings(results, total_ms=output.timing_total_ms),
+    )
 
 
 def _fetch_adapters(inp: GenerateInput, *, engines: Engines, transfer: Transfer) -> list[AdapterFile]:

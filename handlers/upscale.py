@@ -4,45 +4,15 @@ from __future__ import annotations
 
 import time
 
-from PIL import Image
-
-from handlers.dispatch import Engines, is_oom, oom_error
+from handlers.engine_set import Engines
 from handlers.errors import InvalidInput
 from handlers.imaging import encode_image
-from handlers.ports import Transfer
+from handlers.ports import Finished, Transfer
 from handlers.schemas import UpscaleInput, UpscaleOutput
+from handlers.steps import elapsed_ms, stage_timings, upscale_image
 
 
-def elapsed_ms(start: float) -> int:
-    return int((time.perf_counter() - start) * 1000)
-
-
-def upscale_image(
-    engines: Engines, image: Image.Image, scale: int, *, release: bool
-) -> tuple[Image.Image, float, int]:
-    """Real-ESRGAN under the GPU lock; an OOM becomes ``out_of_memory``.
-
-    Returns (image, load seconds, upscale ms). ``release`` lets the upscaler drop its weights
-    afterwards unless VRAM allows keeping them (a batch releases once, after its last image).
-    """
-    if engines.upscaler is None:
-        raise InvalidInput("upscale: this worker has no upscaler configured")
-    try:
-        with engines.gpu:
-            load_s = engines.upscaler.ensure_loaded(scale)
-            started = time.perf_counter()
-            result = engines.upscaler.upscale(image, scale)
-            upscale_ms = elapsed_ms(started)
-            if release:
-                engines.upscaler.after_job()
-    except Exception as exc:
-        if is_oom(exc):
-            raise oom_error(engines, f"upscaling {image.width}x{image.height} x{scale}") from exc
-        raise
-    return result, load_s, upscale_ms
-
-
-def upscale(inp: UpscaleInput, *, engines: Engines, transfer: Transfer) -> UpscaleOutput:
+def upscale(inp: UpscaleInput, *, engines: Engines, transfer: Transfer) -> Finished:
     started = time.perf_counter()
     if engines.upscaler is None:
         raise InvalidInput("type: this worker has no upscaler configured")
@@ -59,7 +29,7 @@ def upscale(inp: UpscaleInput, *, engines: Engines, transfer: Transfer) -> Upsca
     data, content_type = encode_image(result, inp.output_format, inp.quality)
     t0 = time.perf_counter()
     url = transfer.upload(inp.upload_url, data, content_type, field="upload_url")
-    return UpscaleOutput(
+    output = UpscaleOutput(
         output_url=url,
         input_width=image.width,
         input_height=image.height,
@@ -72,3 +42,4 @@ def upscale(inp: UpscaleInput, *, engines: Engines, transfer: Transfer) -> Upsca
         timing_upload_ms=elapsed_ms(t0),
         timing_total_ms=elapsed_ms(started),
     )
+    return Finished(output, timings=stage_timings([output], total_ms=output.timing_total_ms))

@@ -15,8 +15,8 @@ job. Repeated ``--runs`` times, each a fresh process; medians reported.
 With ``--save-tiny DIR`` the tiny pipeline is written with ``save_pretrained`` and the worker loads
 it as ``MODEL=klein-4b MODEL_PATH=DIR``: the disk-loading path a real deployment takes. On a GPU,
 ``--save-random klein-4b --save-dir DIR`` writes the full-size architecture with random weights
-(``random_weights.py``, ~16 GB for 4B) the same way: a true cold start from local disk without
-downloading the gated weights.
+(``measurement/random_weights.py``, ~16 GB for 4B) the same way: a true cold start from local disk
+without downloading the gated weights.
 """
 
 from __future__ import annotations
@@ -26,17 +26,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+
+from measurement.cold_start import one_run
+from worker.local import start_local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from worker.local import LocalStack, start_local_stack  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,66 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def one_run(stack: LocalStack, env: dict[str, str], size: int, index: int, timeout: float) -> dict[str, Any]:
-    sqs = stack.client("sqs")
-    job = {
-        "id": f"cold-{index}",
-        "type": "generate",
-        "input": {
-            "prompts": ["a lighthouse on a cliff at dusk"],
-            "upload_urls": [stack.presign_put(f"cold/{index}.png")],
-            "width": size,
-            "height": size,
-            "seed": index,
-        },
-    }
-    sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
-    started_wall = time.time()
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    result = None
-    try:
-        while result is None and time.perf_counter() - started < timeout:
-            if proc.poll() is not None:
-                break
-            reply = sqs.receive_message(QueueUrl=stack.result_queue_url, WaitTimeSeconds=1)
-            for message in reply.get("Messages", []):
-                result = json.loads(message["Body"])
-                sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
-        first_job_s = time.perf_counter() - started
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=120)
-    if result is None or result.get("status") != "succeeded":
-        raise SystemExit(f"run {index}: no succeeded result (exit {proc.returncode}):\n{stderr[-3000:]}")
-    ready = _ready_entry(stderr)
-    ready_s = datetime.fromisoformat(ready["ts"]).timestamp() - started_wall
-    return {
-        "to_ready_s": round(ready_s, 2),
-        "load_s": ready.get("load_s"),  # the worker's own figure: from boot start to ready
-        # Its boot phases: imports, weights read, compile-cache load, compile, warm-up, and whether
-        # the compile cache hit (graphs_compiled 0: this process compiled nothing).
-        "boot": ready.get("boot", {}),
-        "to_first_result_s": round(first_job_s, 2),
-        "first_job_s": round(first_job_s - ready_s, 2),
-        "model": result.get("model"),
-    }
-
-
-def _ready_entry(stderr: str) -> dict[str, Any]:
-    for line in stderr.splitlines():
-        if '"event": "ready"' in line:
-            return json.loads(line)
-    raise SystemExit(f"the worker logged no ready event:\n{stderr[-3000:]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, model_path = args.model, args.model_path
@@ -127,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.save_random:
         if args.save_dir is None:
             raise SystemExit("--save-random needs --save-dir")
-        from handlers.engines.random_weights import build_random_pipeline
+        from measurement.random_weights import build_random_pipeline
 
         build_random_pipeline(args.save_random, device="cuda").save_pretrained(args.save_dir)
         model, model_path = args.save_random, str(args.save_dir)
@@ -142,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("UPSCALER_WEIGHTS_X2", "")
             env.setdefault("UPSCALER_WEIGHTS_X4", "")
         env.update(item.split("=", 1) for item in args.env)
-        runs = [one_run(stack, env, args.size, index, args.timeout) for index in range(args.runs)]
+        runs = [one_run(stack, env, args.size, index, args.timeout, cwd=ROOT) for index in range(args.runs)]
     finally:
         stack.stop()
     report = {

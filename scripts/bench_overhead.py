@@ -2,7 +2,8 @@
 
 Overhead = (receive returned -> delete returned) - engine time, over N generate jobs run by
 the real runner against moto SQS + S3 on loopback. The engine and the queue are wrapped
-(composition, not mocks) only to take timestamps.
+(composition, not mocks) only to take timestamps: the wrapped queue goes in through
+``build_runner(source=...)``.
 
     python scripts/bench_overhead.py --jobs 200
 """
@@ -15,17 +16,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from PIL import Image
 
 from handlers.imaging import encode_image
-from worker.app import build_runner
+from worker.app import build_runner, job_source
 from worker.boot import Variant, build_engines
 from worker.config import Settings
 from worker.local import start_local_stack
@@ -109,10 +106,8 @@ def bench_overhead(n_jobs: int, size: int, concurrency: int = 1) -> dict:
                 },
             }
             sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
-        runner = build_runner(settings, engines=engines)
-        source = TimedSource(runner._source)
-        runner._source = source
-        runner._heartbeat._source = source
+        source = TimedSource(job_source(settings))
+        runner = build_runner(settings, engines=engines, source=source)
         wall = time.perf_counter()
         runner.run(burst=True)
         wall = time.perf_counter() - wall
@@ -123,7 +118,7 @@ def bench_overhead(n_jobs: int, size: int, concurrency: int = 1) -> dict:
     overhead = [(t - e) * 1000 for t, e in zip(totals, timed.spent, strict=True)]
     report = {
         "jobs": len(ids),
-        "concurrency": runner._concurrency,  # what the runner really used, not what was asked
+        "concurrency": runner.concurrency,  # what the runner really used, not what was asked
         "jobs_per_s": round(len(ids) / wall, 2),
         "image": f"{size}x{size} png",
         "overhead_ms_median": round(statistics.median(overhead), 1),

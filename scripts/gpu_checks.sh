@@ -32,6 +32,9 @@ out=${1:?usage: gpu_checks.sh OUT_DIR STEP[:SECONDS]...}
 shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The scripts import the repository's packages (measurement, worker, handlers, klein_facts) and no
+# longer edit sys.path: on a machine without the project installed, the repository root serves them.
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 python=${PYTHON:-python3}
 # Profiles are named for the card: h100-klein-4b-bf16.json on an "NVIDIA H100 80GB HBM3".
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($2)}')
@@ -71,7 +74,7 @@ for spec in "${steps[@]}"; do
         # Carried wheels (scripts/gpu_deps.sh, carry .whl) go into /tmp/site for every later step.
         if [ -d "${WHEELS:-.whl}" ]; then
             "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-                --target /tmp/site "${WHEELS:-.whl}"/*.whl && export PYTHONPATH=/tmp/site:$PWD
+                --target /tmp/site "${WHEELS:-.whl}"/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
         fi
         run_step "$name" "${limit:-20}" "$python" -c "import torch, diffusers, transformers, spandrel, \
 pydantic_settings, boto3, moto.server; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \

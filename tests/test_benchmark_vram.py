@@ -12,20 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.oom_engine import OomAboveEngine
-from worker.config import Settings
-from worker.profile import (
-    GIB,
+from klein_facts.profile import (
     BatchRun,
     BenchmarkProfile,
     ProfileError,
     ReferenceRun,
     ResolutionRun,
-    derive_limits,
-    headroom_bytes,
     load_profile,
-    recommend,
 )
+from measurement.limits import derive_limits, headroom_bytes, recommend
+from tests.oom_engine import OomAboveEngine
+from worker.config import Settings
+from worker.gpu import GIB
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_vram.py"
 # Small enough for a 2-core CPU: one 128x128 size, 64 px references, one step, one run.
@@ -255,8 +253,8 @@ def test_recommendation_judges_the_target_size_and_suggests_a_smaller_variant():
 
 def test_random_weight_configs_have_the_published_sizes():
     from handlers.engines.klein_loader import prompt_settings
-    from handlers.engines.random_weights import build_random_pipeline, realesrgan_state_dict
     from handlers.engines.upscaler import Upscaler
+    from measurement.random_weights import build_random_pipeline, realesrgan_state_dict
 
     def billions(module: torch.nn.Module) -> float:
         return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)

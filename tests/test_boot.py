@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from klein_facts.profile import BenchmarkProfile
 from worker.app import limits_for
 from worker.boot import BootError, choose_variant, read_profile
 from worker.config import Settings
 from worker.gpu import GIB, GpuInfo
-from worker.profile import BenchmarkProfile
 
 
 def gpu(name: str, total_gib: float, free_gib: float, cc: tuple[int, int] = (8, 9)) -> GpuInfo:

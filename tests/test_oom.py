@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from handlers.dispatch import Engines
+from handlers.engine_set import Engines
 from tests.helpers import queue_counts, results, run_worker, s3_image, send
 from tests.oom_engine import OomAboveEngine
 

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from provisioning.config import load_settings, masked_env
 from provisioning.models import Offer
-from provisioning.throughput import BenchmarkProfile, ThroughputModel, load_profiles, normalize_gpu_name
+from provisioning.throughput import LooseProfile as BenchmarkProfile
+from provisioning.throughput import ThroughputModel, load_profiles, normalize_gpu_name
 
 TOML = """
 fleet = "prod"

@@ -6,15 +6,18 @@ import functools
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
-from handlers.dispatch import Engines, handler_table
+from handlers.dispatch import HANDLERS
+from handlers.engine_set import Engines
 from handlers.schemas import Limits
 from worker.boot import build_engines, choose_variant, read_profile
 from worker.config import Settings
 from worker.execute import JobExecutor
 from worker.gpu import probe_gpus
 from worker.hub_files import HubFiles
+from worker.poll_health import PollHealth
 from worker.priority import PriorityJobSource
 from worker.queue import JobSource
 from worker.results import ResultPublisher
@@ -60,11 +63,34 @@ def limits_for(settings: Settings) -> Limits:
     return Limits(max_batch=batch, max_references=refs, max_loras=settings.max_loras)
 
 
+def job_source(settings: Settings, *, sqs_client: Any | None = None) -> JobSource:
+    """The queues of QUEUE_URL(S) as one source: SQS, behind the priority sweep when there are several."""
+    client = sqs_client or _sqs_client(settings)
+    sources = [
+        SqsJobSource(client=client, queue_url=url, visibility_timeout=settings.visibility_timeout)
+        for url in settings.require_queues()
+    ]
+    if len(sources) == 1:
+        return sources[0]
+    return PriorityJobSource(sources=sources, lower_share=settings.lower_queue_share)
+
+
 def build_runner(
-    settings: Settings, *, engines: Engines, sqs_client: Any | None = None, **hooks: Any
+    settings: Settings,
+    *,
+    engines: Engines,
+    sqs_client: Any | None = None,
+    source: JobSource | None = None,
+    polls: PollHealth | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    on_idle_exit: Callable[[], object] | None = None,
+    on_abandon: Callable[[], None] | None = None,
 ) -> Runner:
-    queue_urls = settings.require_queues()
-    client = sqs_client or make_sqs_client(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    """The runner for ``settings``. ``source`` replaces the job source of QUEUE_URL(S) (a benchmark
+    wraps ``job_source`` to take timestamps); ``polls`` receives the runner's poll health (/healthz
+    reads it); ``on_event``, ``on_idle_exit`` and ``on_abandon`` are the runner's hooks."""
+    settings.require_queues()
+    client = sqs_client or _sqs_client(settings)
     transfer = TransferClient(
         allow_private_urls=settings.allow_private_urls,
         max_download_bytes=settings.max_download_bytes,
@@ -81,7 +107,7 @@ def build_runner(
     )
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     executor = JobExecutor(
-        handlers=handler_table(),
+        handlers=HANDLERS,
         engines=engines,
         transfer=transfer,
         limits=limits_for(settings),
@@ -90,17 +116,8 @@ def build_runner(
         retry_backoff_seconds=settings.retry_backoff_seconds,
         price_per_hour=settings.price_per_hour,
     )
-    sources = [
-        SqsJobSource(client=client, queue_url=url, visibility_timeout=settings.visibility_timeout)
-        for url in queue_urls
-    ]
-    source: JobSource = (
-        sources[0]
-        if len(sources) == 1
-        else PriorityJobSource(sources=sources, lower_share=settings.lower_queue_share)
-    )
     return Runner(
-        source=source,
+        source=source or job_source(settings, sqs_client=client),
         publisher=ResultPublisher(sink=sink, poster=transfer, webhook_secret=secret),
         executor=executor,
         concurrency=settings.job_concurrency,
@@ -108,42 +125,57 @@ def build_runner(
         wait_time_seconds=settings.wait_time_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         idle_shutdown_seconds=settings.idle_shutdown_seconds,
-        **hooks,
+        on_idle_exit=on_idle_exit,
+        on_abandon=on_abandon,
+        on_event=on_event,
+        polls=polls,
     )
+
+
+def _sqs_client(settings: Settings) -> Any:
+    return make_sqs_client(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
 
 
 def serve(settings: Settings) -> Runner:
     """The production path: metrics endpoint first (it answers 503 while loading), boot, then poll."""
     settings.require_queues()
     stopper = install_signal_handlers()
+    polls = PollHealth()
     telemetry = None
     if settings.metrics_port is not None:
         telemetry = Telemetry()
+        telemetry.last_poll_ok = polls.last_ok
+        telemetry.poll_failures = polls.failures
         telemetry.serve(settings.metrics_port)
     started = time.perf_counter()
     engines = boot_engines(settings)
-    hooks: dict[str, Any] = {}
-    if settings.idle_shutdown_seconds and settings.container_id and settings.container_api_key:
-        key = settings.container_api_key.get_secret_value()
-        hooks["on_idle_exit"] = functools.partial(
-            destroy_own_instance,
-            api_url=settings.vast_api_url,
-            container_id=settings.container_id,
-            api_key=key,
-        )
     if telemetry is not None:
         telemetry.model_ready(
             time.perf_counter() - started, loaded=lambda: engines.klein is not None, boot=engines.boot
         )
-        hooks["on_event"] = telemetry.observe
-    runner = build_runner(settings, engines=engines, **hooks)
-    if telemetry is not None:
-        telemetry.last_poll_ok = lambda: runner.last_poll_ok
-        telemetry.poll_failures = lambda: runner.poll_failures
+    runner = build_runner(
+        settings,
+        engines=engines,
+        polls=polls,
+        on_event=telemetry.observe if telemetry is not None else None,
+        on_idle_exit=_destroy_on_idle(settings),
+    )
     stopper.attach(runner)
     runner.run()
     log.info("worker stopped after %d job(s)", runner.processed)
     return runner
+
+
+def _destroy_on_idle(settings: Settings) -> Callable[[], object] | None:
+    """With IDLE_SHUTDOWN_SECONDS on a Vast instance that knows its own id and key: destroy it."""
+    if not (settings.idle_shutdown_seconds and settings.container_id and settings.container_api_key):
+        return None
+    return functools.partial(
+        destroy_own_instance,
+        api_url=settings.vast_api_url,
+        container_id=settings.container_id,
+        api_key=settings.container_api_key.get_secret_value(),
+    )
 
 
 class _Stopper:

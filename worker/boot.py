@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from handlers.dispatch import Engines
+from handlers.engine_set import Engines
+from klein_facts.profile import BenchmarkProfile, ProfileError, load_profile
 from worker.compile_store import BundleStore, open_stores
 from worker.config import Quantization, Settings
 from worker.gpu import GIB, GpuInfo
-from worker.profile import BenchmarkProfile, ProfileError, load_profile
 
 if TYPE_CHECKING:
     from handlers.engines.upscaler import Upscaler

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers.dispatch import Engines
+from handlers.dispatch import Handler
+from handlers.engine_set import Engines
 from handlers.errors import JobError
+from handlers.ports import Transfer
 from handlers.schemas import Limits
-from worker.contract import Job, JobResult, parse_job, peek_identity, utc_now
+from worker.contract import Job, JobResult, Status, parse_job, peek_identity, utc_now
 from worker.cost import ShareClock, cost_usd
 from worker.queue import Message
 
@@ -32,15 +34,16 @@ class Outcome:
     result: JobResult | None = None
     webhook_url: str | None = None
     log_fields: dict[str, Any] = field(default_factory=dict)
+    timings: Mapping[str, int] = field(default_factory=dict)  # the handler's, for the log line
 
 
 class JobExecutor:
     def __init__(
         self,
         *,
-        handlers: Mapping[str, Callable[..., Any]],
+        handlers: Mapping[str, Handler[Any]],
         engines: Engines,
-        transfer: Any,
+        transfer: Transfer,
         limits: Limits,
         worker_id: str,
         max_attempts: int = 3,
@@ -86,16 +89,16 @@ class JobExecutor:
             job = parse_job(message.body, self._limits)
             fields = {"id": job.id, "type": job.type, "attempt": attempt, "status": "started"}
             log.info("job started", extra={"job": fields})
-            output = self._handlers[job.type](job.input, engines=self._engines, transfer=self._transfer)
+            finished = self._handlers[job.type](job.input, engines=self._engines, transfer=self._transfer)
         except JobError as exc:
             return self._failure(message, job, exc, received_at)
         except Exception as exc:  # loop boundary: an unexpected error is `internal`, retried
             log.exception("job raised unexpectedly (message %s)", message.message_id)
             error = JobError(f"{type(exc).__name__}: {exc}", code="internal", retryable=True)
             return self._failure(message, job, error, received_at)
-        status = "partial" if any(not r.success for r in getattr(output, "results", [])) else "succeeded"
-        result = self._result(job.id, job.type, status, attempt, received_at, output=output.model_dump())
-        return Outcome(delete=True, result=result, webhook_url=job.webhook_url)
+        output = finished.output.model_dump()
+        result = self._result(job.id, job.type, finished.status, attempt, received_at, output=output)
+        return Outcome(delete=True, result=result, webhook_url=job.webhook_url, timings=finished.timings)
 
     def _failure(self, message: Message, job: Job | None, exc: JobError, received_at: str) -> Outcome:
         attempt = message.receive_count
@@ -125,12 +128,12 @@ class JobExecutor:
         return Outcome(delete=True, result=result, webhook_url=webhook if job is not None else None)
 
     def _result(
-        self, job_id: str, job_type: str | None, status: str, attempt: int, received_at: str, **kw: Any
+        self, job_id: str, job_type: str | None, status: Status, attempt: int, received_at: str, **kw: Any
     ) -> JobResult:
         return JobResult(
             id=job_id,
             type=job_type,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             attempt=attempt,
             worker_id=self._worker_id,
             model=self._engines.model_name,
@@ -153,7 +156,7 @@ def event_fields(message: Message, outcome: Outcome, started: float) -> dict[str
         **{k: v for k, v in outcome.log_fields.items() if k != "id"},
     }
     if result is not None:
-        fields.update(_timings(result))
+        fields.update(outcome.timings)
         if result.error:
             fields["error_code"] = result.error["code"]
             fields["error"] = result.error["message"]
@@ -162,17 +165,3 @@ def event_fields(message: Message, outcome: Outcome, started: float) -> dict[str
 
 def _queue_wait_ms(message: Message) -> int | None:
     return None if message.sent_at is None else max(0, int((time.time() - message.sent_at) * 1000))
-
-
-def _timings(result: JobResult) -> dict[str, int]:
-    """The result's timing_* figures (summed over a batch's images)."""
-    output = result.output or {}
-    rows = output.get("results", [output])
-    totals: dict[str, int] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key.startswith("timing_") and isinstance(value, int):
-                totals[key] = totals.get(key, 0) + value
-    if isinstance(output.get("timing_total_ms"), int):
-        totals["timing_total_ms"] = output["timing_total_ms"]
-    return totals

@@ -22,6 +22,7 @@ from typing import Any
 
 from worker.execute import JobExecutor, Outcome, event_fields
 from worker.heartbeat import Heartbeat
+from worker.poll_health import PollHealth
 from worker.queue import JobSource, Message
 from worker.results import ResultPublisher
 
@@ -42,9 +43,10 @@ class Runner:
         wait_time_seconds: int = 20,
         shutdown_grace_seconds: float = 25.0,
         idle_shutdown_seconds: float = 0.0,
-        on_idle_exit: Callable[[], None] | None = None,
+        on_idle_exit: Callable[[], object] | None = None,
         on_abandon: Callable[[], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        polls: PollHealth | None = None,
     ) -> None:
         self._source = source
         self._publisher = publisher
@@ -56,6 +58,7 @@ class Runner:
         self._on_idle_exit = on_idle_exit
         self._on_abandon = on_abandon or _exit_now
         self._on_event = on_event
+        self._polls = polls or PollHealth()
         self._heartbeat = Heartbeat(source=source, visibility_timeout=visibility_timeout)
         self._stopping = threading.Event()
         self._grace_timer: threading.Timer | None = None
@@ -64,8 +67,11 @@ class Runner:
         self._changed = threading.Condition()
         self._last_activity = time.monotonic()
         self.processed = 0
-        self.poll_failures = 0
-        self.last_poll_ok: float | None = None  # monotonic time of the last successful receive (health)
+
+    @property
+    def concurrency(self) -> int:
+        """Jobs in hand at most."""
+        return self._concurrency
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -131,21 +137,20 @@ class Runner:
         try:
             messages = self._source.receive(max_messages=1, wait_seconds=self._wait)
         except Exception as exc:  # loop boundary: a queue outage must not end the worker
-            self.poll_failures += 1
-            pause = min(QUEUE_ERROR_PAUSE_MAX, 2 ** min(self.poll_failures, 5))
+            failures = self._polls.failed()
+            pause = min(QUEUE_ERROR_PAUSE_MAX, 2 ** min(failures, 5))
             # The traceback once per outage; after that one line per retry (an outage can last
             # hours, and a botocore traceback is ~5 KB).
             log.warning(
                 "receive failed (%d in a row): %s; retrying in %d s",
-                self.poll_failures,
+                failures,
                 exc,
                 pause,
-                exc_info=self.poll_failures == 1,
+                exc_info=failures == 1,
             )
             self._stopping.wait(pause)
             return None
-        self.poll_failures = 0
-        self.last_poll_ok = time.monotonic()
+        self._polls.succeeded()
         return messages
 
     def request_stop(self) -> None:

@@ -1,8 +1,4 @@
-"""The benchmark profile: what ``scripts/benchmark_vram.py`` measured on a card, and the limits it implies.
-
-The script writes it; the worker reads it (``BENCHMARK_PROFILE``) for the model choice and the
-``MAX_REFERENCES``/``MAX_BATCH`` defaults. No torch here: the worker loads the profile before any
-engine exists. ``derive_limits`` and ``recommend`` are pure functions of the measurements.
+"""The limits and the recommendation a benchmark's measurements imply: pure functions of the figures.
 
 Headroom rule: a measurement counts as fitting only if its peak (the larger of torch's peak
 allocation and NVML's used memory) leaves ``max(10% of the card, 1.5 GiB)`` free. That margin
@@ -12,16 +8,10 @@ little heavier than the benchmark's.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-SCHEMA_VERSION: Literal[1] = 1
-GIB = 1024**3
+from klein_facts.profile import BatchRun, Limits, Peaks, Recommendation, ReferenceRun, ResolutionRun, size_key
+from worker.gpu import GIB
 
 HEADROOM_FRACTION = 0.10
 HEADROOM_MIN_BYTES = int(1.5 * GIB)
@@ -40,158 +30,6 @@ SMALLER: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GpuSection(_Model):
-    name: str
-    total_bytes: int
-    driver: str | None = None
-    cuda: str | None = None  # the driver's CUDA version (NVML); software.torch_cuda is the runtime's
-    compute_capability: tuple[int, int] | None = None
-
-
-class SoftwareSection(_Model):
-    python: str
-    torch: str
-    diffusers: str
-    transformers: str | None = None
-    torchao: str | None = None
-    torch_cuda: str | None = None
-
-
-class VariantSection(_Model):
-    model: Literal["tiny", "klein-4b", "klein-9b"]
-    quantization: str
-    label: str
-    device: str
-    random_weights: bool = False
-
-
-class RunSettings(_Model):
-    steps: int
-    runs: int
-    reference_side: int
-    compiled: bool = False  # --compile: measured as the worker serves on CUDA (TORCH_COMPILE)
-    compile_warmup_s: float | None = None  # what compiling cost before the measurements
-
-
-class RestVram(_Model):
-    torch_allocated_bytes: int | None = None
-    nvml_used_bytes: int | None = None
-
-
-class _Peaks:
-    """What a generation held on the card; every figure is None on a CPU."""
-
-    if TYPE_CHECKING:  # declared by the pydantic model that mixes this in
-        peak_torch_bytes: int | None
-        peak_nvml_bytes: int | None
-        oom: bool
-
-    @property
-    def peak_bytes(self) -> int | None:
-        """The larger of the two peaks: what the card really had to hold."""
-        values = [v for v in (self.peak_torch_bytes, self.peak_nvml_bytes) if v is not None]
-        return max(values) if values else None
-
-
-class _Run(_Model, _Peaks):
-    """One generation setting measured at one output size."""
-
-    width: int
-    height: int
-    peak_torch_bytes: int | None = None
-    peak_nvml_bytes: int | None = None  # sampled after the run, while the allocator holds its blocks
-    oom: bool = False
-
-
-class ResolutionRun(_Run):
-    latency_s_median: float | None = None
-    latency_s_all: list[float] = Field(default_factory=list)
-
-
-class ReferenceRun(_Run):
-    count: int
-    latency_s: float | None = None
-
-
-class BatchRun(_Run):
-    size: int
-    latency_s: float | None = None
-
-
-class UpscalerRun(_Model):
-    scale: int
-    input: int  # side of the square input image, px
-    latency_s: float | None = None
-    load_s: float | None = None
-    peak_torch_bytes: int | None = None  # klein resident, as in the worker
-    error: str | None = None
-
-
-class Limits(_Model):
-    headroom_bytes: int | None = None  # None on CPU: no memory limit was measured
-    max_references: dict[str, int] = Field(default_factory=dict)  # "WxH" -> count
-    max_references_estimated: list[str] = Field(default_factory=list)  # keys not measured directly
-    max_references_default: int | None = None
-    max_batch: int | None = None
-    bytes_per_reference: int | None = None
-    seconds_per_reference: float | None = None
-
-
-class Recommendation(_Model):
-    fits: bool
-    model: str | None = None
-    quantization: str | None = None
-    reason: str
-
-
-class BenchmarkProfile(_Model):
-    schema_version: Literal[1] = SCHEMA_VERSION
-    created_at: datetime
-    gpu: GpuSection | None = None
-    software: SoftwareSection
-    variant: VariantSection
-    settings: RunSettings
-    rest_vram: RestVram | None = None
-    resolutions: list[ResolutionRun] = Field(default_factory=list)
-    references: list[ReferenceRun] = Field(default_factory=list)
-    batches: list[BatchRun] = Field(default_factory=list)
-    upscaler: list[UpscalerRun] = Field(default_factory=list)
-    limits: Limits
-    recommendation: Recommendation
-
-
-class ProfileError(ValueError):
-    """A profile file that cannot be used; the message names the file and the field."""
-
-
-def load_profile(path: str | Path) -> BenchmarkProfile:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ProfileError(f"benchmark profile {path}: cannot read it ({exc.strerror or exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"benchmark profile {path}: not JSON ({exc.msg} at line {exc.lineno})") from exc
-    try:
-        return BenchmarkProfile.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(root)'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ProfileError(f"benchmark profile {path}: {problems}") from exc
-
-
-def size_key(width: int, height: int) -> str:
-    return f"{width}x{height}"
-
-
 def headroom_bytes(total_bytes: int) -> int:
     return max(int(total_bytes * HEADROOM_FRACTION), HEADROOM_MIN_BYTES)
 
@@ -203,14 +41,14 @@ def target_size(sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
     return DEFAULT_SIZE if DEFAULT_SIZE in sizes else max(sizes, key=lambda s: (s[0] * s[1], s))
 
 
-def _fits(run: _Peaks, budget: int | None) -> bool:
+def _fits(run: Peaks, budget: int | None) -> bool:
     if run.oom:
         return False
     peak = run.peak_bytes
     return budget is None or peak is None or peak <= budget
 
 
-def _longest_fitting(runs: Iterable[tuple[int, _Peaks]], budget: int | None) -> int:
+def _longest_fitting(runs: Iterable[tuple[int, Peaks]], budget: int | None) -> int:
     """The largest count of a series such that it and every smaller count fit (0 if none)."""
     best = 0
     for count, run in sorted(runs, key=lambda item: item[0]):

@@ -7,8 +7,8 @@ published full-size configs (``shared/reference/flux2-klein.md``) with random we
 
 Modules are constructed directly on the target device in the target dtype: a 9B transformer
 initialised on the CPU in float32 takes minutes and twice the memory. Only the tokenizer is
-small (the tiny one from ``tiny.py``): tokenizing costs nothing next to the model, and prompts
-are still padded to the real 512 tokens, so the text encoder does the real work.
+small (the tiny one from ``handlers/engines/tiny.py``): tokenizing costs nothing next to the
+model, and prompts are still padded to the real 512 tokens, so the text encoder does the real work.
 """
 
 from __future__ import annotations
@@ -114,6 +114,10 @@ def build_random_pipeline(
     # Pad prompts to the real length: the text encoder's cost depends on it.
     tokenizer.model_max_length = REAL_MAX_SEQUENCE_LENGTH
     torch.manual_seed(seed)
+    # Any: diffusers' model classes reach mypy without torch.nn.Module's methods (pyproject's
+    # override covers handlers.engines.* for the same reason).
+    transformer: Any
+    vae: Any
     with _building_on(target, dtype):
         transformer = Flux2Transformer2DModel(**TRANSFORMER_CONFIGS[model])
         text_config = Qwen3Config(**TEXT_ENCODER_CONFIGS[model])

@@ -1,0 +1,79 @@
+"""One cold start for ``scripts/bench_cold_start.py``: a job queued on the local stack, then a fresh
+``python -m worker`` process timed from its spawn to the job's result, its ``ready`` log line
+splitting boot from the first job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from worker.local import LocalStack
+
+
+def one_run(
+    stack: LocalStack, env: dict[str, str], size: int, index: int, timeout: float, *, cwd: Path
+) -> dict[str, Any]:
+    """Queue one job, spawn ``python -m worker`` in ``cwd`` and time it to its result; boot phases
+    from its ``ready`` log line."""
+    sqs = stack.client("sqs")
+    job = {
+        "id": f"cold-{index}",
+        "type": "generate",
+        "input": {
+            "prompts": ["a lighthouse on a cliff at dusk"],
+            "upload_urls": [stack.presign_put(f"cold/{index}.png")],
+            "width": size,
+            "height": size,
+            "seed": index,
+        },
+    }
+    sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
+    started_wall = time.time()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    result = None
+    try:
+        while result is None and time.perf_counter() - started < timeout:
+            if proc.poll() is not None:
+                break
+            reply = sqs.receive_message(QueueUrl=stack.result_queue_url, WaitTimeSeconds=1)
+            for message in reply.get("Messages", []):
+                result = json.loads(message["Body"])
+                sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
+        first_job_s = time.perf_counter() - started
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=120)
+    if result is None or result.get("status") != "succeeded":
+        raise SystemExit(f"run {index}: no succeeded result (exit {proc.returncode}):\n{stderr[-3000:]}")
+    ready = _ready_entry(stderr)
+    ready_s = datetime.fromisoformat(ready["ts"]).timestamp() - started_wall
+    return {
+        "to_ready_s": round(ready_s, 2),
+        "load_s": ready.get("load_s"),  # the worker's own figure: from boot start to ready
+        # Its boot phases: imports, weights read, compile-cache load, compile, warm-up, and whether
+        # the compile cache hit (graphs_compiled 0: this process compiled nothing).
+        "boot": ready.get("boot", {}),
+        "to_first_result_s": round(first_job_s, 2),
+        "first_job_s": round(first_job_s - ready_s, 2),
+        "model": result.get("model"),
+    }
+
+
+def _ready_entry(stderr: str) -> dict[str, Any]:
+    for line in stderr.splitlines():
+        if '"event": "ready"' in line:
+            return json.loads(line)
+    raise SystemExit(f"the worker logged no ready event:\n{stderr[-3000:]}")
