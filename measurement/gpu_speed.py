@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from handlers.engines.klein import KleinEngine, build_engine, prompt_settings
+from handlers.engines.klein import KleinEngine
+from handlers.engines.klein_loader import build_engine, prompt_settings
 from handlers.engines.speed import enable_fast_math, set_attention_backend
 from measurement.compile_cost import compile_in_parts, compile_through_cache
 from measurement.engines import build_pipeline

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from handlers.engines.klein import KleinEngine, build_engine
+from handlers.engines.klein import KleinEngine
+from handlers.engines.klein_loader import build_engine
 from handlers.engines.lora import create_lora_adapters
 from handlers.engines.speed import compile_pipeline
 from handlers.lora_files import AdapterFile

@@ -28,7 +28,8 @@ from diffusers import (
 )
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from handlers.engines.klein import DEFAULT_COMPILE_SIZES, REAL_MAX_SEQUENCE_LENGTH, KleinEngine, build_engine
+from handlers.engines.klein import DEFAULT_COMPILE_SIZES, REAL_MAX_SEQUENCE_LENGTH, KleinEngine
+from handlers.engines.klein_loader import build_engine
 from handlers.engines.quantize import check_quantization, device_capability
 from handlers.engines.tiny import build_tiny_tokenizer
 from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler, random_realesrgan

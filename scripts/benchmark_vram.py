@@ -28,7 +28,8 @@ import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
-from handlers.engines.klein import KleinEngine, UnsupportedQuantization
+from handlers.engines.klein import KleinEngine
+from handlers.engines.quantize import UnsupportedQuantization
 from handlers.engines.upscaler import Upscaler
 from klein_facts.variants import MODELS, QUANTIZATION_SETTINGS, default_quantization
 from measurement.engines import build_vram_engines as build_engines

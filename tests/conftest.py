@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
 # Tests talk to loopback moto only; never pick up a developer's real AWS profile.
 os.environ.update(
@@ -81,93 +77,6 @@ def scripted() -> Iterator[ScriptedServer]:
     server = ScriptedServer()
     yield server
     server.close()
-
-
-def worker_settings(stack: LocalStack, **overrides: Any) -> Any:
-    from worker.config import Settings
-
-    values: dict[str, Any] = {
-        "queue_url": stack.queue_url,
-        "result_queue_url": stack.result_queue_url,
-        "aws_endpoint_url": stack.endpoint,
-        "allow_private_urls": True,
-        "model": "tiny",
-        "device": "cpu",
-        "wait_time_seconds": 0,
-        "retry_backoff_seconds": 0,
-        "worker_id": "test-worker",
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-def run_worker(stack: LocalStack, engines: Any, **overrides: Any) -> int:
-    """Run the real worker in burst mode until the queue is empty; returns jobs finished."""
-    from worker.app import build_runner
-
-    runner = build_runner(worker_settings(stack, **overrides), engines=engines)
-    return runner.run(burst=True)
-
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def spawn_worker(stack: LocalStack, **env: Any) -> subprocess.Popen[str]:
-    """`python -m worker` as a real process on the tiny model, pointed at ``stack``; ``env`` overrides."""
-    full = {
-        **os.environ,
-        **stack.env(),
-        "MODEL": "tiny",
-        "DEVICE": "cpu",
-        "WAIT_TIME_SECONDS": "1",
-        "LOG_FORMAT": "json",
-        "WORKER_ID": "proc-worker",
-        "PYTHONUNBUFFERED": "1",
-        **{k: str(v) for k, v in env.items()},
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker"],
-        cwd=ROOT,
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def send(stack: LocalStack, job: dict[str, Any] | str) -> str:
-    body = job if isinstance(job, str) else json.dumps(job)
-    return stack.client("sqs").send_message(QueueUrl=stack.queue_url, MessageBody=body)["MessageId"]
-
-
-def results(stack: LocalStack, expected: int | None = None, wait: int = 1) -> list[dict[str, Any]]:
-    sqs = stack.client("sqs")
-    found: list[dict[str, Any]] = []
-    for _ in range(20):
-        reply = sqs.receive_message(
-            QueueUrl=stack.result_queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait
-        )
-        messages = reply.get("Messages", [])
-        for message in messages:
-            found.append(json.loads(message["Body"]))
-            sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
-        if (expected is not None and len(found) >= expected) or (expected is None and not messages):
-            break
-    return found
-
-
-def queue_counts(stack: LocalStack, queue_url: str | None = None) -> tuple[int, int]:
-    attrs = stack.client("sqs").get_queue_attributes(
-        QueueUrl=queue_url or stack.queue_url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
-
-
-def s3_image(stack: LocalStack, key: str) -> tuple[Image.Image, str, bytes]:
-    obj = stack.client("s3").get_object(Bucket=stack.bucket, Key=key)
-    data = obj["Body"].read()
-    return Image.open(io.BytesIO(data)), obj["ContentType"], data
 
 
 # -- the deployed path on a CPU (tests/production.py) -------------------------------------------

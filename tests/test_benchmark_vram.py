@@ -252,7 +252,7 @@ def test_recommendation_judges_the_target_size_and_suggests_a_smaller_variant():
 
 
 def test_random_weight_configs_have_the_published_sizes():
-    from handlers.engines.klein import prompt_settings
+    from handlers.engines.klein_loader import prompt_settings
     from handlers.engines.upscaler import Upscaler
     from measurement.random_weights import build_random_pipeline, realesrgan_state_dict
 
@@ -277,7 +277,7 @@ def test_random_weight_configs_have_the_published_sizes():
 
 def test_a_compiled_engine_is_warmed_before_anything_is_timed(bench, capsys):
     # --compile on a GPU gives an engine with compiled=True; the eager backend stands in on CPU.
-    from handlers.engines.klein import create_klein_engine
+    from handlers.engines.klein_loader import create_klein_engine
     from handlers.engines.speed import compile_pipeline
     from handlers.engines.upscaler import create_upscaler
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import spawn_worker
+from tests.helpers import spawn_worker
 from tests.production import BOOT_TIMEOUT_S, corrupt_copy, log_lines, partial_copy, production_env
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import results, s3_image, send, spawn_worker
+from tests.helpers import results, s3_image, send, spawn_worker
 from worker.compile_store import FolderStore, S3Store, fetch, open_stores
 from worker.local import LocalStack
 
@@ -139,7 +139,7 @@ def test_the_lora_hotswap_slot_is_part_of_the_key() -> None:
     # The slot is compiled into every Linear of the transformer: a bundle made with MAX_LORAS=0, or
     # another LORA_MAX_RANK, holds other graphs and must miss, not load.
     from handlers.engines.compile_cache import bundle_name, cache_key
-    from handlers.engines.klein import create_klein_engine
+    from handlers.engines.klein_loader import create_klein_engine
     from worker.compile_boot import lora_slot
 
     slotted = create_klein_engine(model="tiny", compile=True, max_loras=2, lora_max_rank=8)
@@ -165,7 +165,7 @@ def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
     import torch
 
     from handlers.engines.compile_cache import bundle_name, cache_key
-    from handlers.engines.klein import create_klein_engine
+    from handlers.engines.klein_loader import create_klein_engine
     from handlers.engines.speed import compile_pipeline
     from worker import compile_boot
 

@@ -11,14 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.engines.klein import (
-    REAL_MAX_SEQUENCE_LENGTH,
-    REAL_TEXT_ENCODER_OUT_LAYERS,
-    KleinEngine,
-    UnsupportedQuantization,
-    create_klein_engine,
-    load_pipeline,
-)
+from handlers.engines.klein import REAL_MAX_SEQUENCE_LENGTH, REAL_TEXT_ENCODER_OUT_LAYERS, KleinEngine
+from handlers.engines.klein_loader import create_klein_engine, load_pipeline
+from handlers.engines.quantize import UnsupportedQuantization
 from handlers.engines.tiny import (
     TINY_MAX_SEQUENCE_LENGTH,
     TINY_TEXT_ENCODER_OUT_LAYERS,
@@ -268,13 +263,3 @@ def test_quantization_and_model_errors_are_clear() -> None:
 def test_importing_the_engines_package_does_not_import_torch() -> None:
     code = "import sys, handlers.engines; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
-
-
-def test_engines_package_names_resolve_lazily() -> None:
-    import handlers.engines as engines
-    from handlers.engines import klein, upscaler
-
-    assert engines.create_klein_engine is klein.create_klein_engine
-    assert engines.create_upscaler is upscaler.create_upscaler
-    with pytest.raises(AttributeError):
-        _ = engines.no_such_engine

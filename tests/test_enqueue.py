@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import results, run_worker, s3_image
+from tests.helpers import results, run_worker, s3_image
 from tests.scripted_http import png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

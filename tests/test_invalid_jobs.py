@@ -9,7 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.conftest import queue_counts, results, run_worker, send
+from tests.helpers import queue_counts, results, run_worker, send
 
 OK_PUT = "http://127.0.0.1:9/never-used.png"
 

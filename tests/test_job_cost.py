@@ -7,7 +7,7 @@ import re
 import urllib.request
 from datetime import datetime
 
-from tests.conftest import results, send, worker_settings
+from tests.helpers import results, send, worker_settings
 from worker.app import build_runner
 from worker.telemetry import Telemetry
 

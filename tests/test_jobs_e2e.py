@@ -8,7 +8,7 @@ import time
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import queue_counts, results, run_worker, s3_image, send
+from tests.helpers import queue_counts, results, run_worker, s3_image, send
 from tests.scripted_http import png_bytes
 
 
@@ -289,7 +289,7 @@ def test_heartbeat_keeps_a_long_job_invisible_past_the_visibility_timeout(stack,
             "id": "long",
             "type": "upscale",
             "input": {
-                "image_url": f"{scripted.url}/slow/9/in.png",
+                "image_url": f"{scripted.url}/slow/20/in.png",
                 "upload_url": _put(stack, "long.png"),
                 "scale": 2,
             },
@@ -299,13 +299,15 @@ def test_heartbeat_keeps_a_long_job_invisible_past_the_visibility_timeout(stack,
     worker.start()
     assert scripted.hit.wait(60)
 
-    time.sleep(7)  # past the 5 s visibility timeout: without the heartbeat a second worker could take it
+    # Twice the 5 s visibility timeout, and 10 s before the input arrives: without the heartbeat
+    # a second worker could take it.
+    time.sleep(10)
     assert queue_counts(stack) == (0, 1)
 
     worker.join(60)
     (result,) = results(stack, expected=1)
     assert result["status"] == "succeeded" and result["attempt"] == 1
-    assert scripted.count("/slow/9/in.png") == 1
+    assert scripted.count("/slow/20/in.png") == 1
 
 
 def test_a_dead_webhook_does_not_rerun_a_finished_job(stack, engines, scripted):

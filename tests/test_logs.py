@@ -52,7 +52,7 @@ def test_presigned_signatures_and_tokens_never_reach_the_log(stream):
 
 
 def test_a_job_whose_result_cannot_be_published_keeps_its_id_on_the_log_line(stream, stack, engines):
-    from tests.conftest import run_worker, send
+    from tests.helpers import run_worker, send
 
     send(
         stack, {"id": "unpublished", "type": "upscale", "input": {"image_url": "ftp://x", "upload_url": "x"}}

@@ -12,7 +12,7 @@ import pytest
 
 from handlers.errors import DownloadFailed, InvalidInput
 from handlers.lora_files import LoraFiles
-from tests.conftest import results, run_worker, s3_image, send
+from tests.helpers import results, run_worker, s3_image, send
 from tests.lora_files import make_adapter, wrong_size_adapter, wrong_target_adapter
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.engines.klein import KleinEngine, build_engine
+from handlers.engines.klein import KleinEngine
+from handlers.engines.klein_loader import build_engine
 from handlers.engines.lora import LoraAdapters, create_lora_adapters
 from handlers.engines.speed import compile_transformer
 from handlers.engines.tiny import build_tiny_pipeline

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from handlers.engine_set import Engines
-from tests.conftest import queue_counts, results, run_worker, s3_image, send
+from tests.helpers import queue_counts, results, run_worker, s3_image, send
 from tests.oom_engine import OomAboveEngine
 
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.conftest import queue_counts, results, worker_settings
+from tests.helpers import queue_counts, results, worker_settings
 from tests.scripted_http import png_bytes
 from worker.app import build_runner
 from worker.local import create_queues

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import queue_counts, results, run_worker, s3_image, send, spawn_worker
+from tests.helpers import queue_counts, results, run_worker, s3_image, send, spawn_worker
 
 
 def _slow_job(stack, scripted, job_id, seconds):
@@ -42,7 +42,10 @@ def test_sigkill_mid_job_the_message_comes_back_and_finishes(stack, engines, scr
     proc.wait(10)
 
     assert results(stack, wait=0) == []  # nothing was reported by the dead worker
-    time.sleep(5.5)  # the visibility timeout lapses: the job is visible again
+    # The visibility timeout lapses: the job is visible again (waited for, not slept past).
+    deadline = time.monotonic() + 60
+    while queue_counts(stack)[0] != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert queue_counts(stack)[0] == 1
     scripted.delay_override = 0  # the input server answers at once now
     run_worker(stack, engines, visibility_timeout=30)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import ROOT, queue_counts, results, s3_image, send, spawn_worker
+from tests.helpers import ROOT, queue_counts, results, s3_image, send, spawn_worker
 from tests.production import BOOT_TIMEOUT_S, log_lines, production_env, serve_checkpoints
 from tests.scripted_http import ScriptedServer, png_bytes
 

@@ -18,7 +18,8 @@ from torchao.quantization import (
     PerRow,
 )
 
-from handlers.engines.klein import KleinEngine, create_klein_engine
+from handlers.engines.klein import KleinEngine
+from handlers.engines.klein_loader import create_klein_engine
 from handlers.engines.quantize import (
     UnsupportedQuantization,
     check_nunchaku,

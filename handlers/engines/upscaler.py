@@ -23,12 +23,11 @@ from spandrel import ImageModelDescriptor, ModelLoader
 from spandrel.architectures.ESRGAN import ESRGAN
 
 from handlers.engines.tiling import run_tiled
-from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL, is_url, resolve_weights
+from handlers.engines.weights import is_url, resolve_weights
 from handlers.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS: dict[int, str] = {2: REALESRGAN_X2PLUS_URL, 4: REALESRGAN_X4PLUS_URL}
 SCALES = (2, 4)
 
 # Input tile side, used when the whole image does not fit in free VRAM. Measured on an H100
