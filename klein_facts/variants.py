@@ -17,6 +17,8 @@ ModelSetting = Literal["auto", Model]
 MODELS: tuple[Model, ...] = get_args(Model)
 # The FLUX.2-klein checkpoints proper (what MODEL=auto may choose and the fleet may rent for).
 KLEIN_MODELS: tuple[Model, ...] = tuple(m for m in MODELS if m != "tiny")
+# Weights under a non-commercial licence: served only with ALLOW_NON_COMMERCIAL (or MODEL pinned).
+NON_COMMERCIAL_MODELS: tuple[Model, ...] = ("klein-9b",)
 
 # Weight quantizations; "none" is the checkpoint's own bf16.
 Quantization = Literal["none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]
