@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+GIB = 1024**3  # memory sizes below are in GiB, as NVML and torch report them
+
 # The models the worker loads; "tiny" is a random-weight stand-in for CPU tests and demos.
 Model = Literal["klein-4b", "klein-9b", "tiny"]
 # MODEL: a model, or "auto" (chosen at boot from the card, or from a benchmark profile).

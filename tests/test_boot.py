@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from klein_facts.profile import BenchmarkProfile
+from klein_facts.variants import GIB
 from worker.app import limits_for
 from worker.boot_error import BootError
 from worker.config import Settings
-from worker.gpu import GIB, GpuInfo
+from worker.gpu import GpuInfo
 from worker.variant import choose_variant, read_profile
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from klein_facts.profile import BenchmarkProfile, ProfileError, load_profile, served_latency
 from klein_facts.variants import (
+    GIB,
     NON_COMMERCIAL_MODELS,
     VRAM_NEEDS,
     Quantization,
@@ -27,7 +28,7 @@ from klein_facts.variants import (
 )
 from worker.boot_error import BootError
 from worker.config import Settings
-from worker.gpu import GIB, GpuInfo, probe_gpus
+from worker.gpu import GpuInfo, probe_gpus
 
 log = logging.getLogger(__name__)
 
