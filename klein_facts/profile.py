@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from klein_facts.variants import Model
+from klein_facts.jobs import DEFAULT_HEIGHT, DEFAULT_WIDTH
+from klein_facts.variants import Model, Quantization
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -44,7 +45,7 @@ class SoftwareSection(_Model):
 
 class VariantSection(_Model):
     model: Model
-    quantization: str
+    quantization: Quantization
     label: str
     device: str
     random_weights: bool = False
@@ -177,3 +178,12 @@ def parse_profile(data: object, *, source: str) -> BenchmarkProfile:
 def size_key(width: int, height: int) -> str:
     """The ``"WxH"`` key of ``Limits.max_references``."""
     return f"{width}x{height}"
+
+
+def served_latency(profile: BenchmarkProfile) -> float | None:
+    """Median seconds per image at the default job size (1024x1024), as the profile measured it; None
+    when that size was not measured or ran out of memory."""
+    for run in profile.resolutions:
+        if (run.width, run.height) == (DEFAULT_WIDTH, DEFAULT_HEIGHT) and not run.oom:
+            return run.latency_s_median
+    return None

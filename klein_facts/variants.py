@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+GIB = 1024**3  # memory sizes below are in GiB, as NVML and torch report them
+
 # The models the worker loads; "tiny" is a random-weight stand-in for CPU tests and demos.
 Model = Literal["klein-4b", "klein-9b", "tiny"]
 # MODEL: a model, or "auto" (chosen at boot from the card, or from a benchmark profile).
@@ -17,6 +19,8 @@ ModelSetting = Literal["auto", Model]
 MODELS: tuple[Model, ...] = get_args(Model)
 # The FLUX.2-klein checkpoints proper (what MODEL=auto may choose and the fleet may rent for).
 KLEIN_MODELS: tuple[Model, ...] = tuple(m for m in MODELS if m != "tiny")
+# Weights under a non-commercial licence: served only with ALLOW_NON_COMMERCIAL (or MODEL pinned).
+NON_COMMERCIAL_MODELS: tuple[Model, ...] = ("klein-9b",)
 
 # Weight quantizations; "none" is the checkpoint's own bf16.
 Quantization = Literal["none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from measurement.workload import queue_generate_job
 from worker.local import LocalStack
 
 
@@ -20,19 +21,8 @@ def one_run(
 ) -> dict[str, Any]:
     """Queue one job, spawn ``python -m worker`` in ``cwd`` and time it to its result; boot phases
     from its ``ready`` log line."""
+    queue_generate_job(stack, f"cold-{index}", size=size, seed=index)
     sqs = stack.client("sqs")
-    job = {
-        "id": f"cold-{index}",
-        "type": "generate",
-        "input": {
-            "prompts": ["a lighthouse on a cliff at dusk"],
-            "upload_urls": [stack.presign_put(f"cold/{index}.png")],
-            "width": size,
-            "height": size,
-            "seed": index,
-        },
-    }
-    sqs.send_message(QueueUrl=stack.queue_url, MessageBody=json.dumps(job))
     started_wall = time.time()
     started = time.perf_counter()
     proc = subprocess.Popen(

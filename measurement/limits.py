@@ -16,8 +16,7 @@ from klein_facts.jobs import (  # a profile never suggests more than the worker 
     MAX_BATCH_CAP,
 )
 from klein_facts.profile import BatchRun, Limits, Peaks, Recommendation, ReferenceRun, ResolutionRun, size_key
-from klein_facts.variants import smaller_variant
-from worker.gpu import GIB
+from klein_facts.variants import GIB, smaller_variant
 
 HEADROOM_FRACTION = 0.10
 HEADROOM_MIN_BYTES = int(1.5 * GIB)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from klein_facts.profile import RestVram
-from worker.gpu import GIB
+from klein_facts.variants import GIB
 
 if TYPE_CHECKING:
     from handlers.engines.klein import KleinEngine

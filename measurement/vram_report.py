@@ -4,7 +4,7 @@ column for the profile just measured."""
 from __future__ import annotations
 
 from klein_facts.profile import BenchmarkProfile, size_key
-from worker.gpu import GIB
+from klein_facts.variants import GIB
 
 
 def markdown_table(profile: BenchmarkProfile) -> str:

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_overhead.py"
+from measurement.overhead import bench_overhead
 
 
 def test_the_overhead_row_runs_one_job_at_a_time() -> None:
-    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-
     saved = dict(os.environ)
     try:
-        report = bench.bench_overhead(2, 256, concurrency=1)
+        report = bench_overhead(2, 256, concurrency=1)
     finally:  # the script exports its stack's endpoint and queues into the environment
         os.environ.clear()
         os.environ.update(saved)

@@ -20,10 +20,10 @@ from klein_facts.profile import (
     ResolutionRun,
     load_profile,
 )
+from klein_facts.variants import GIB
 from measurement.limits import derive_limits, headroom_bytes, recommend
 from tests.oom_engine import OomAboveEngine
 from worker.config import Settings
-from worker.gpu import GIB
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_vram.py"
 # Small enough for a 2-core CPU: one 128x128 size, 64 px references, one step, one run.

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from klein_facts.profile import BenchmarkProfile
+from klein_facts.variants import GIB
 from worker.app import limits_for
 from worker.boot_error import BootError
 from worker.config import Settings
-from worker.gpu import GIB, GpuInfo
+from worker.gpu import GpuInfo
 from worker.variant import choose_variant, read_profile
 
 
@@ -179,3 +180,91 @@ def test_upscaler_defaults_are_the_pinned_official_files_and_empty_disables_a_sc
     assert defaults.upscaler_weights_x2.endswith("/v0.2.1/RealESRGAN_x2plus.pth")
     monkeypatch.setenv("UPSCALER_WEIGHTS_X2", "")
     assert Settings().upscaler_weights_x2 is None
+
+
+# ---- a folder of profiles: the worker's own card, the largest model, the quantization that served fastest
+
+
+def _measured(
+    tmp_path: Path,
+    name: str,
+    *,
+    card: str = "NVIDIA H100 80GB HBM3",
+    model: str = "klein-9b",
+    quant: str = "fp8",
+    latency: float | None = 0.9,
+    fits: bool = True,
+    compiled: bool = False,
+    refs: int = 6,
+) -> Path:
+    data = _profile(
+        fits=fits, model=model if fits else None, quant=quant if fits else None, refs=refs, batch=4
+    )
+    data["gpu"] = {"name": card, "total_bytes": 80 * GIB}
+    data["variant"] = {
+        "model": model,
+        "quantization": quant,
+        "label": f"flux2-{model}-{quant}",
+        "device": "cuda",
+    }
+    data["settings"]["compiled"] = compiled
+    if latency is not None:
+        data["resolutions"] = [{"width": 1024, "height": 1024, "latency_s_median": latency}]
+    folder = tmp_path / "profiles"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data))
+    return folder
+
+
+H100 = gpu("NVIDIA H100 80GB HBM3", 80, 79, (9, 0))
+
+
+def _serve(folder: Path, card: GpuInfo = H100, **kw) -> tuple[tuple[str, str], int]:
+    s = settings(benchmark_profile=str(folder), **{"model": "auto", "allow_non_commercial": True, **kw})
+    variant = choose_variant(s, [card], read_profile(s, [card]))
+    return (variant.model, variant.quantization), limits_for(s, [card]).max_references
+
+
+def test_profile_folder_serves_the_quantization_that_was_fastest_on_this_card(tmp_path):
+    _measured(tmp_path, "h100-9b-fp8", quant="fp8", latency=0.93, refs=16)
+    folder = _measured(tmp_path, "h100-9b-bf16", quant="none", latency=0.61, refs=12)
+    _measured(tmp_path, "h100-4b-bf16", model="klein-4b", quant="none", latency=0.52, refs=20)
+    # The largest model allowed, in its fastest quantization; the limits are that profile's.
+    assert _serve(folder) == (("klein-9b", "none"), 12)
+    # Without the non-commercial opt-in the 4B profile is the one served.
+    assert _serve(folder, allow_non_commercial=False) == (("klein-4b", "none"), 20)
+    # A pinned quantization wins over speed.
+    assert _serve(folder, quantization="fp8") == (("klein-9b", "fp8"), 16)
+    # MODEL pinned, QUANTIZATION=auto: the measured fastest of that model, not the FP8 rule.
+    assert _serve(folder, model="klein-9b", allow_non_commercial=False) == (("klein-9b", "none"), 12)
+
+
+def test_profile_folder_prefers_what_was_measured_as_served_and_skips_what_does_not_fit(tmp_path):
+    _measured(tmp_path, "a-eager-fast", quant="none", latency=0.40, compiled=False, refs=3)
+    _measured(tmp_path, "b-compiled", quant="fp8", latency=0.45, compiled=True, refs=7)
+    folder = _measured(tmp_path, "c-oom", quant="int8", latency=0.10, fits=False, refs=9)
+    # TORCH_COMPILE on (the GPU default): the compiled measurement is what this worker would serve.
+    assert _serve(folder) == (("klein-9b", "fp8"), 7)
+    assert _serve(folder, torch_compile=False) == (("klein-9b", "none"), 3)
+
+
+def test_profile_folder_of_other_cards_falls_back_to_free_memory(tmp_path):
+    folder = _measured(tmp_path, "5090-9b-bf16", card="NVIDIA GeForce RTX 5090", quant="none", latency=0.5)
+    assert _serve(folder) == (("klein-9b", "fp8"), 10)  # the VRAM table's choice and default limits
+
+
+def test_empty_or_broken_profile_folder_is_a_boot_error_naming_the_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BootError, match="holds no"):
+        read_profile(settings(benchmark_profile=str(empty)), [H100])
+    folder = _measured(tmp_path, "good")
+    (folder / "broken.json").write_text("{")
+    with pytest.raises(BootError, match="broken.json"):
+        read_profile(settings(benchmark_profile=str(folder)), [H100])
+
+
+def test_committed_profiles_folder_picks_9b_on_an_h100_when_allowed():
+    # benchmarks/profiles/ as a folder: both H100 profiles fit; 9B is the larger model.
+    assert _serve(PROFILES)[0] == ("klein-9b", "fp8")
+    assert _serve(PROFILES, allow_non_commercial=False)[0] == ("klein-4b", "none")

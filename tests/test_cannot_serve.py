@@ -160,3 +160,12 @@ def test_a_token_without_access_to_the_gated_weights_is_one_line_and_never_logge
     last = log_lines(stderr)[-1]
     assert last["msg"].startswith("cannot start: ") and "black-forest-labs/FLUX.2-klein-4B" in last["msg"]
     assert "check that HF_TOKEN belongs to an account that accepted the license" in last["msg"]
+
+
+def test_a_broken_profile_in_the_benchmark_profile_folder_is_one_line(stack, tmp_path):
+    # The folder is read at boot, before any model loads: a bad file stops the container with its name.
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "h100-klein-4b-bf16.json").write_text('{"schema_version": 1}')
+    message = _cannot_start(stack, MODEL="tiny", BENCHMARK_PROFILE=str(folder))
+    assert f"benchmark profile {folder / 'h100-klein-4b-bf16.json'}: created_at: Field required" in message

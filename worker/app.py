@@ -12,11 +12,12 @@ from typing import Any
 from handlers.dispatch import HANDLERS
 from handlers.engine_set import Engines
 from handlers.schemas import Limits
-from klein_facts.jobs import DEFAULT_MAX_REFERENCES
+from klein_facts.jobs import DEFAULT_HEIGHT, DEFAULT_MAX_REFERENCES, DEFAULT_WIDTH
+from klein_facts.profile import served_latency
 from worker.boot import build_engines
 from worker.config import Settings
 from worker.execute import JobExecutor
-from worker.gpu import probe_gpus
+from worker.gpu import GpuInfo, probe_gpus
 from worker.hub_files import HubFiles
 from worker.poll_health import PollHealth
 from worker.priority import PriorityJobSource
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 
 def boot_engines(settings: Settings) -> Engines:
-    profile = read_profile(settings)
     gpus = probe_gpus(settings.cuda_visible_devices)
     for gpu in gpus:
         log.info(
@@ -45,12 +45,25 @@ def boot_engines(settings: Settings) -> Engines:
             gpu.driver,
             gpu.cuda,
         )
+    profile = read_profile(settings, gpus)
+    if profile is not None:
+        latency = served_latency(profile)
+        log.info(
+            "benchmark profile: %s on %s, %s s/image at %dx%d%s",
+            profile.variant.label,
+            profile.gpu.name if profile.gpu else "no GPU",
+            "?" if latency is None else f"{latency:.3f}",
+            DEFAULT_WIDTH,
+            DEFAULT_HEIGHT,
+            " compiled" if profile.settings.compiled else "",
+        )
     return build_engines(settings, choose_variant(settings, gpus, profile))
 
 
-def limits_for(settings: Settings) -> Limits:
-    """MAX_REFERENCES (and MAX_BATCH, when not set) default from the benchmark profile's measurements."""
-    profile = read_profile(settings)
+def limits_for(settings: Settings, gpus: list[GpuInfo] | None = None) -> Limits:
+    """MAX_REFERENCES (and MAX_BATCH, when not set) default from the benchmark profile's measurements
+    (from a folder of profiles: the one boot chose for this card)."""
+    profile = read_profile(settings, gpus)
     measured = profile.limits if profile is not None and profile.recommendation.fits else None
     refs = settings.max_references
     if refs is None:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from handlers.engine_set import Engines
+from klein_facts.variants import GIB
 from worker.boot_error import BootError
 from worker.compile_store import BundleStore, open_stores
 from worker.config import Settings
-from worker.gpu import GIB
 from worker.variant import Variant
 
 if TYPE_CHECKING:

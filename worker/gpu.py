@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
-log = logging.getLogger(__name__)
+from klein_facts.variants import GIB
 
-GIB = 1024**3
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

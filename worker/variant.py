@@ -1,20 +1,34 @@
 """Which klein variant this worker serves: from MODEL/QUANTIZATION, a benchmark profile, or the card's
 free memory.
 
-``choose_variant`` is a pure function of (settings, GPUs, profile) so every branch is testable with
-fake NVML readings.
+BENCHMARK_PROFILE names one profile file, or a folder of them (say one per card and variant, baked into
+the image): from a folder the worker goes by the profiles measured on its own card, and among the
+variants that fit it takes the largest model and, for that model, the quantization that served fastest
+(FP8 is not always faster: on an 80 GB card 9B BF16 beat 9B FP8).
+
+``choose_profile`` and ``choose_variant`` are pure functions of (settings, GPUs, profiles) so every
+branch is testable with fake NVML readings.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from klein_facts.profile import BenchmarkProfile, ProfileError, load_profile
-from klein_facts.variants import VRAM_NEEDS, default_quantization, variant_label
+from klein_facts.profile import BenchmarkProfile, ProfileError, load_profile, served_latency
+from klein_facts.variants import (
+    GIB,
+    NON_COMMERCIAL_MODELS,
+    VRAM_NEEDS,
+    Quantization,
+    default_quantization,
+    variant_label,
+)
 from worker.boot_error import BootError
 from worker.config import Settings
-from worker.gpu import GIB, GpuInfo
+from worker.gpu import GpuInfo, probe_gpus
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +59,7 @@ def choose_variant(
     if settings.model != "auto":
         quant = settings.quantization
         if quant == "auto":
-            quant = default_quantization(settings.model)
+            quant = measured_quantization(profile, settings.model) or default_quantization(settings.model)
         return Variant(settings.model, quant, device, f"MODEL={settings.model}")
     if gpu is None:
         raise BootError(
@@ -67,7 +81,7 @@ def _from_profile(settings: Settings, profile: BenchmarkProfile, gpu: GpuInfo, d
             f"{gpu.name}: the benchmark profile {settings.benchmark_profile} says no klein variant fits "
             f"({rec.reason})"
         )
-    if rec.model == "klein-9b" and not settings.allow_non_commercial:
+    if rec.model in NON_COMMERCIAL_MODELS and not settings.allow_non_commercial:
         raise BootError(
             "the benchmark profile recommends klein-9b, whose weights are non-commercial: set "
             "ALLOW_NON_COMMERCIAL=true or MODEL=klein-9b to accept, or benchmark klein-4b"
@@ -76,13 +90,81 @@ def _from_profile(settings: Settings, profile: BenchmarkProfile, gpu: GpuInfo, d
     return Variant(rec.model, quant, device, f"benchmark profile ({measured_on}): {rec.reason}")
 
 
-def read_profile(settings: Settings) -> BenchmarkProfile | None:
+def read_profile(settings: Settings, gpus: list[GpuInfo] | None = None) -> BenchmarkProfile | None:
+    """The profile this worker goes by: BENCHMARK_PROFILE's file, or the one ``choose_profile`` takes
+    from its folder for this card (``gpus``: probed through NVML when not given)."""
     if not settings.benchmark_profile:
         return None
+    profiles = read_profiles(settings.benchmark_profile)
+    if not Path(settings.benchmark_profile).is_dir():
+        return profiles[0]
+    if gpus is None:
+        gpus = probe_gpus(settings.cuda_visible_devices)
+    return choose_profile(settings, gpus, profiles)
+
+
+def read_profiles(path: str) -> list[BenchmarkProfile]:
+    """The profile file at ``path``, or every ``*.json`` in the folder it names (in name order)."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else [folder]
+    if not files:
+        raise BootError(f"BENCHMARK_PROFILE={path}: the folder holds no *.json benchmark profile")
     try:
-        return load_profile(settings.benchmark_profile)
+        return [load_profile(file) for file in files]
     except ProfileError as exc:
         raise BootError(str(exc)) from exc
+
+
+def choose_profile(
+    settings: Settings, gpus: list[GpuInfo], profiles: Sequence[BenchmarkProfile]
+) -> BenchmarkProfile | None:
+    """From a folder's profiles, the one to serve by on this card; None when none was measured on it
+    or none fits what MODEL/QUANTIZATION/ALLOW_NON_COMMERCIAL allow (the free-memory rule decides)."""
+    gpu = gpus[0] if gpus else None
+    if gpu is None:
+        return None
+    usable = [p for p in profiles if p.gpu is not None and p.gpu.name == gpu.name and _may_serve(settings, p)]
+    if not usable:
+        return None
+    largest = min(_LARGEST_FIRST.index(p.variant.model) for p in usable)
+    of_model = [p for p in usable if _LARGEST_FIRST.index(p.variant.model) == largest]
+    # Served speed: measured the way this worker runs (compiled on a GPU unless TORCH_COMPILE=false)
+    # before anything else, then the fastest at 1024x1024; a profile without that figure comes last.
+    compiled = settings.torch_compile is not False
+    return min(of_model, key=lambda p: (p.settings.compiled != compiled, *_latency_key(p)))
+
+
+def measured_quantization(profile: BenchmarkProfile | None, model: str) -> Quantization | None:
+    """QUANTIZATION=auto with MODEL pinned: the quantization a profile of that model measured fitting."""
+    if profile is None or profile.variant.model != model or not _fits_itself(profile):
+        return None
+    return profile.variant.quantization
+
+
+# MODEL=auto's preference, largest model first: the VRAM table's order.
+_LARGEST_FIRST = list(dict.fromkeys(need.model for need in VRAM_NEEDS))
+
+
+def _fits_itself(profile: BenchmarkProfile) -> bool:
+    rec = profile.recommendation
+    return rec.fits and (rec.model, rec.quantization) == (profile.variant.model, profile.variant.quantization)
+
+
+def _may_serve(settings: Settings, profile: BenchmarkProfile) -> bool:
+    model, quant = profile.variant.model, profile.variant.quantization
+    licensed = model not in NON_COMMERCIAL_MODELS or settings.allow_non_commercial or settings.model == model
+    return (
+        model in _LARGEST_FIRST
+        and _fits_itself(profile)
+        and settings.model in ("auto", model)
+        and settings.quantization in ("auto", quant)
+        and licensed
+    )
+
+
+def _latency_key(profile: BenchmarkProfile) -> tuple[bool, float]:
+    latency = served_latency(profile)
+    return (latency is None, latency or 0.0)
 
 
 def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
@@ -91,7 +173,7 @@ def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
     free = gpu.free_bytes / GIB
     for need in VRAM_NEEDS:
         model, quant = need.model, need.quantization
-        if model == "klein-9b" and not allow_9b:
+        if model in NON_COMMERCIAL_MODELS and not allow_9b:
             continue
         if settings.quantization not in ("auto", quant):
             continue

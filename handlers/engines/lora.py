@@ -42,6 +42,7 @@ from handlers.engines.lora_weights import (
 )
 from handlers.errors import InvalidInput
 from handlers.lora_files import AdapterFile
+from klein_facts.variants import GIB
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 # the slots (hotswap mode): a style used on every other job should not be re-read each time.
 MAX_RESIDENT = 4
 # Keep loaded adapters only while this much GPU memory stays free for activations.
-KEEP_FREE_BYTES = 2 * 1024**3
+KEEP_FREE_BYTES = 2 * GIB
 SLOT = "job_loras"  # the compiled worker's one adapter slot
 
 

@@ -25,6 +25,7 @@ from spandrel.architectures.ESRGAN import ESRGAN
 from handlers.engines.tiling import run_tiled
 from handlers.engines.weights import is_url, resolve_weights
 from handlers.errors import InvalidInput
+from klein_facts.variants import GIB
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +192,8 @@ class Upscaler:
             return False
         logger.info(
             "upscaler released: %.1f GiB free < %.1f GiB to keep it",
-            free / (1 << 30),
-            self.keep_free_bytes / (1 << 30),
+            free / GIB,
+            self.keep_free_bytes / GIB,
         )
         self.release()
         return True
