@@ -10,6 +10,7 @@ the provisioning install has no torch at all.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klein_facts.jobs import DEFAULT_HEIGHT, DEFAULT_WIDTH
-from klein_facts.variants import Model, Quantization
+from klein_facts.variants import NON_COMMERCIAL_MODELS, VRAM_NEEDS, Model, Quantization
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -187,3 +188,48 @@ def served_latency(profile: BenchmarkProfile) -> float | None:
         if (run.width, run.height) == (DEFAULT_WIDTH, DEFAULT_HEIGHT) and not run.oom:
             return run.latency_s_median
     return None
+
+
+def fits_itself(profile: BenchmarkProfile) -> bool:
+    """The measured variant fits the card it was measured on (its recommendation is itself)."""
+    rec = profile.recommendation
+    return rec.fits and (rec.model, rec.quantization) == (profile.variant.model, profile.variant.quantization)
+
+
+# MODEL=auto's preference, largest model first: the VRAM table's order.
+LARGEST_FIRST: tuple[str, ...] = tuple(dict.fromkeys(need.model for need in VRAM_NEEDS))
+
+
+def serving_profile(
+    profiles: Iterable[BenchmarkProfile],
+    *,
+    gpu_name: str,
+    model: str = "auto",
+    quantization: str = "auto",
+    allow_non_commercial: bool = False,
+    compiled: bool = True,
+) -> BenchmarkProfile | None:
+    """Of profiles measured on several cards and variants, the one a worker on ``gpu_name`` serves by,
+    given its MODEL, QUANTIZATION, ALLOW_NON_COMMERCIAL and whether it compiles: among the variants
+    measured fitting on that card and allowed, the largest model, and for that model the quantization
+    that was fastest at 1024x1024, measured the way the worker runs (compiled or eager) first. None when
+    no profile qualifies. The worker's model choice and the fleet's sizing both go by this one rule."""
+
+    def allowed(p: BenchmarkProfile) -> bool:
+        m, q = p.variant.model, p.variant.quantization
+        licensed = m not in NON_COMMERCIAL_MODELS or allow_non_commercial or model == m
+        return m in LARGEST_FIRST and model in ("auto", m) and quantization in ("auto", q) and licensed
+
+    usable = [
+        p for p in profiles if p.gpu is not None and p.gpu.name == gpu_name and fits_itself(p) and allowed(p)
+    ]
+    if not usable:
+        return None
+    largest = min(LARGEST_FIRST.index(p.variant.model) for p in usable)
+    of_model = [p for p in usable if LARGEST_FIRST.index(p.variant.model) == largest]
+
+    def served(p: BenchmarkProfile) -> tuple[bool, bool, float]:
+        latency = served_latency(p)  # a profile without the figure comes last
+        return (p.settings.compiled != compiled, latency is None, latency or 0.0)
+
+    return min(of_model, key=served)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from klein_facts.variants import KLEIN_MODELS, default_quantization
+from klein_facts.variants import KLEIN_MODELS
 from provisioning.config_sections import (
     OfferSettings,
     PolicySettings,
@@ -34,7 +34,8 @@ from provisioning.config_sections import (
 from provisioning.launch_env import registry_login, worker_env
 from provisioning.offers import VARIANT_MIN_VRAM_GB, OfferRequirements
 from provisioning.policy_inputs import PolicyConfig
-from provisioning.throughput import ThroughputModel, load_profiles
+from provisioning.profile_figures import load_profiles
+from provisioning.throughput import ThroughputModel
 from provisioning.vast import DEFAULT_API_URL, LaunchSpec
 
 PLACEHOLDER_OWNER = "OWNER"  # in the default image name: renting it would pull nothing
@@ -135,15 +136,19 @@ class FleetSettings(BaseSettings):
     def throughput(self) -> ThroughputModel:
         profiles: dict[str, float] = {}
         if self.policy.profiles_dir:
-            # Only the variant the rented workers run, when the fleet pins MODEL ("auto" pins nothing).
-            model = self.worker.env.get("MODEL")
-            if model in KLEIN_MODELS:
-                quantization = self.worker.env.get("QUANTIZATION", "auto")
-                if quantization == "auto":
-                    quantization = default_quantization(model)
-                profiles = load_profiles(self.policy.profiles_dir, model=model, quantization=quantization)
-            else:
-                profiles = load_profiles(self.policy.profiles_dir)
+            # Each card's figure is that of the profile its workers serve by (the same folder given to
+            # them as BENCHMARK_PROFILE), chosen by the workers' own rule from their MODEL, QUANTIZATION,
+            # ALLOW_NON_COMMERCIAL and TORCH_COMPILE ("auto" pins nothing).
+            env = self.worker.env
+            model = env.get("MODEL", "auto")
+            quantization = env.get("QUANTIZATION", "auto")
+            profiles = load_profiles(
+                self.policy.profiles_dir,
+                model=model if model in KLEIN_MODELS else None,
+                quantization=None if quantization == "auto" else quantization,
+                allow_non_commercial=_env_flag(env.get("ALLOW_NON_COMMERCIAL")) is True,
+                compiled=_env_flag(env.get("TORCH_COMPILE")) is not False,
+            )
         return ThroughputModel(
             profiles=profiles,
             dlperf_images_per_second=self.policy.dlperf_images_per_second,
@@ -224,3 +229,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> FleetSet
         model_config = SettingsConfigDict(toml_file=config_file)
 
     return _FromFile(**values)
+
+
+def _env_flag(value: str | None) -> bool | None:
+    """A worker boolean (ALLOW_NON_COMMERCIAL, TORCH_COMPILE) read as the worker's settings read it;
+    None when unset or not a boolean."""
+    if value is None:
+        return None
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return None

@@ -11,8 +11,9 @@ from pydantic import ValidationError
 from provisioning.config import load_settings
 from provisioning.launch_env import masked_env
 from provisioning.models import Offer
-from provisioning.throughput import LooseProfile as BenchmarkProfile
-from provisioning.throughput import ThroughputModel, load_profiles, normalize_gpu_name
+from provisioning.profile_figures import LooseProfile as BenchmarkProfile
+from provisioning.profile_figures import load_profiles
+from provisioning.throughput import ThroughputModel, normalize_gpu_name
 
 TOML = """
 fleet = "prod"
@@ -267,8 +268,12 @@ def test_the_committed_h100_profiles_price_h100_offers():
         ({"MODEL": "klein-9b"}, 0.928),  # the worker's default quantization for 9B is fp8
         ({"MODEL": "klein-9b", "QUANTIZATION": "fp8"}, 0.928),
         ({"MODEL": "klein-4b"}, 0.518),
-        ({"MODEL": "auto"}, 0.518),  # nothing pinned: the fastest profile
+        ({"MODEL": "auto"}, 0.518),  # nothing pinned, no opt-in: what the worker serves is 4B
         ({}, 0.518),
+        # MODEL=auto with the non-commercial opt-in: the worker serves 9B (the largest model that fits),
+        # so the fleet sizes on 9B's figure, not on the faster 4B one.
+        ({"MODEL": "auto", "ALLOW_NON_COMMERCIAL": "true"}, 0.928),
+        ({"ALLOW_NON_COMMERCIAL": "1"}, 0.928),
     ],
 )
 def test_the_fleet_sizes_on_the_profile_of_the_variant_it_deploys(env, seconds):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from klein_facts.profile import BenchmarkProfile, ProfileError, load_profile, served_latency
+from klein_facts.profile import BenchmarkProfile, ProfileError, fits_itself, load_profile, serving_profile
 from klein_facts.variants import (
     GIB,
     NON_COMMERCIAL_MODELS,
@@ -118,53 +118,27 @@ def read_profiles(path: str) -> list[BenchmarkProfile]:
 def choose_profile(
     settings: Settings, gpus: list[GpuInfo], profiles: Sequence[BenchmarkProfile]
 ) -> BenchmarkProfile | None:
-    """From a folder's profiles, the one to serve by on this card; None when none was measured on it
-    or none fits what MODEL/QUANTIZATION/ALLOW_NON_COMMERCIAL allow (the free-memory rule decides)."""
+    """From a folder's profiles, the one to serve by on this card (``serving_profile``'s rule); None
+    when none was measured on it or none fits what MODEL/QUANTIZATION/ALLOW_NON_COMMERCIAL allow (the
+    free-memory rule decides)."""
     gpu = gpus[0] if gpus else None
     if gpu is None:
         return None
-    usable = [p for p in profiles if p.gpu is not None and p.gpu.name == gpu.name and _may_serve(settings, p)]
-    if not usable:
-        return None
-    largest = min(_LARGEST_FIRST.index(p.variant.model) for p in usable)
-    of_model = [p for p in usable if _LARGEST_FIRST.index(p.variant.model) == largest]
-    # Served speed: measured the way this worker runs (compiled on a GPU unless TORCH_COMPILE=false)
-    # before anything else, then the fastest at 1024x1024; a profile without that figure comes last.
-    compiled = settings.torch_compile is not False
-    return min(of_model, key=lambda p: (p.settings.compiled != compiled, *_latency_key(p)))
+    return serving_profile(
+        profiles,
+        gpu_name=gpu.name,
+        model=settings.model,
+        quantization=settings.quantization,
+        allow_non_commercial=settings.allow_non_commercial,
+        compiled=settings.torch_compile is not False,  # compiled on a GPU unless TORCH_COMPILE=false
+    )
 
 
 def measured_quantization(profile: BenchmarkProfile | None, model: str) -> Quantization | None:
     """QUANTIZATION=auto with MODEL pinned: the quantization a profile of that model measured fitting."""
-    if profile is None or profile.variant.model != model or not _fits_itself(profile):
+    if profile is None or profile.variant.model != model or not fits_itself(profile):
         return None
     return profile.variant.quantization
-
-
-# MODEL=auto's preference, largest model first: the VRAM table's order.
-_LARGEST_FIRST = list(dict.fromkeys(need.model for need in VRAM_NEEDS))
-
-
-def _fits_itself(profile: BenchmarkProfile) -> bool:
-    rec = profile.recommendation
-    return rec.fits and (rec.model, rec.quantization) == (profile.variant.model, profile.variant.quantization)
-
-
-def _may_serve(settings: Settings, profile: BenchmarkProfile) -> bool:
-    model, quant = profile.variant.model, profile.variant.quantization
-    licensed = model not in NON_COMMERCIAL_MODELS or settings.allow_non_commercial or settings.model == model
-    return (
-        model in _LARGEST_FIRST
-        and _fits_itself(profile)
-        and settings.model in ("auto", model)
-        and settings.quantization in ("auto", quant)
-        and licensed
-    )
-
-
-def _latency_key(profile: BenchmarkProfile) -> tuple[bool, float]:
-    latency = served_latency(profile)
-    return (latency is None, latency or 0.0)
 
 
 def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
