@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klein_facts.jobs import DEFAULT_HEIGHT, DEFAULT_WIDTH
-from klein_facts.variants import NON_COMMERCIAL_MODELS, VRAM_NEEDS, Model, Quantization
+from klein_facts.variants import VRAM_NEEDS, Model, Quantization, licensed
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -217,8 +217,12 @@ def serving_profile(
 
     def allowed(p: BenchmarkProfile) -> bool:
         m, q = p.variant.model, p.variant.quantization
-        licensed = m not in NON_COMMERCIAL_MODELS or allow_non_commercial or model == m
-        return m in LARGEST_FIRST and model in ("auto", m) and quantization in ("auto", q) and licensed
+        return (
+            m in LARGEST_FIRST
+            and model in ("auto", m)
+            and quantization in ("auto", q)
+            and licensed(m, allow_non_commercial=allow_non_commercial, pinned=model)
+        )
 
     usable = [
         p for p in profiles if p.gpu is not None and p.gpu.name == gpu_name and fits_itself(p) and allowed(p)

@@ -22,6 +22,13 @@ KLEIN_MODELS: tuple[Model, ...] = tuple(m for m in MODELS if m != "tiny")
 # Weights under a non-commercial licence: served only with ALLOW_NON_COMMERCIAL (or MODEL pinned).
 NON_COMMERCIAL_MODELS: tuple[Model, ...] = ("klein-9b",)
 
+
+def licensed(model: str, *, allow_non_commercial: bool, pinned: str = "auto") -> bool:
+    """Whether a worker may serve ``model`` unasked: non-commercial weights only with
+    ALLOW_NON_COMMERCIAL, or when MODEL (``pinned``) names them."""
+    return model not in NON_COMMERCIAL_MODELS or allow_non_commercial or pinned == model
+
+
 # Weight quantizations; "none" is the checkpoint's own bf16.
 Quantization = Literal["none", "fp8", "int8", "nunchaku-int4", "nunchaku-fp4"]
 # QUANTIZATION: a quantization, or "auto" (default_quantization's rule; MODEL=auto: the VRAM table).

@@ -20,10 +20,10 @@ from pathlib import Path
 from klein_facts.profile import BenchmarkProfile, ProfileError, fits_itself, load_profile, serving_profile
 from klein_facts.variants import (
     GIB,
-    NON_COMMERCIAL_MODELS,
     VRAM_NEEDS,
     Quantization,
     default_quantization,
+    licensed,
     variant_label,
 )
 from worker.boot_error import BootError
@@ -81,7 +81,7 @@ def _from_profile(settings: Settings, profile: BenchmarkProfile, gpu: GpuInfo, d
             f"{gpu.name}: the benchmark profile {settings.benchmark_profile} says no klein variant fits "
             f"({rec.reason})"
         )
-    if rec.model in NON_COMMERCIAL_MODELS and not settings.allow_non_commercial:
+    if not licensed(rec.model, allow_non_commercial=settings.allow_non_commercial):
         raise BootError(
             "the benchmark profile recommends klein-9b, whose weights are non-commercial: set "
             "ALLOW_NON_COMMERCIAL=true or MODEL=klein-9b to accept, or benchmark klein-4b"
@@ -147,7 +147,7 @@ def _auto(settings: Settings, gpu: GpuInfo, device: str) -> Variant:
     free = gpu.free_bytes / GIB
     for need in VRAM_NEEDS:
         model, quant = need.model, need.quantization
-        if model in NON_COMMERCIAL_MODELS and not allow_9b:
+        if not licensed(model, allow_non_commercial=allow_9b):
             continue
         if settings.quantization not in ("auto", quant):
             continue
