@@ -6,6 +6,9 @@ Paths (any suffix after the script is free, e.g. a file name):
   /slow/<seconds>/<name>       sleeps, then the image (a job that is "mid-flight")
   /status/<code>/<name>        always that status (PUT or GET)
   /trickle/<seconds>/<name>    the image a few bytes at a time, spread over that many seconds
+  /together/<n>/<name>         held until n requests on /together/<n>/ are in hand at once, then
+                               ``together_hold`` seconds more, then the image (jobs that certainly
+                               overlap); 409 if the others do not come within TOGETHER_TIMEOUT_S
   /hook                        records POSTed bodies and headers (webhooks)
 Every request is recorded in ``requests`` as (method, path, headers, body).
 """
@@ -18,6 +21,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
+
+TOGETHER_TIMEOUT_S = 20.0  # below the worker's 30 s read timeout: a lone request fails, never hangs
 
 
 def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -35,6 +40,8 @@ class ScriptedServer:
         self._counts: dict[str, int] = {}
         self.hit = threading.Event()  # set on every request (tests wait on it)
         self.delay_override: float | None = None  # makes /slow/ paths answer at once when set
+        self.together_hold = 0.0  # seconds /together/ requests stay held after all n have arrived
+        self._meetings: dict[int, threading.Barrier] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,9 +76,8 @@ class ScriptedServer:
                     return self._send(500, b"try again", "text/plain")
                 if parts[0] == "trickle":
                     return self._trickle(png_bytes(), float(parts[1]))
-                if parts[0] == "slow":
-                    delay = server.delay_override
-                    time.sleep(float(parts[1]) if delay is None else delay)
+                if not server._hold(parts):
+                    return self._send(409, b"the other requests never came", "text/plain")
                 if self.command in ("PUT", "POST", "DELETE"):
                     return self._send(200, b"")
                 body = server.bodies.get(path, png_bytes())
@@ -95,6 +101,25 @@ class ScriptedServer:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def _hold(self, parts: list[str]) -> bool:
+        """/slow/ and /together/ paths wait here before answering; False when a /together/
+        request's companions did not all come in time."""
+        if parts[0] == "slow":
+            time.sleep(float(parts[1]) if self.delay_override is None else self.delay_override)
+        return parts[0] != "together" or self._meet(int(parts[1]))
+
+    def _meet(self, parties: int) -> bool:
+        """Block until ``parties`` requests wait here at once (then hold them a while longer);
+        False when they did not all come in time."""
+        with self._lock:
+            barrier = self._meetings.setdefault(parties, threading.Barrier(parties))
+        try:
+            barrier.wait(timeout=TOGETHER_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            return False
+        time.sleep(self.together_hold)
+        return True
 
     def count(self, path: str) -> int:
         with self._lock:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,6 +14,9 @@ import pytest
 
 from klein_facts.profile import BenchmarkProfile
 from klein_facts.variants import GIB
+from tests.helpers import results, send, spawn_worker
+from tests.production import BOOT_TIMEOUT_S
+from tests.scripted_http import png_bytes
 from worker.app import limits_for
 from worker.boot_error import BootError
 from worker.config import Settings
@@ -268,3 +275,58 @@ def test_committed_profiles_folder_picks_9b_on_an_h100_when_allowed():
     # benchmarks/profiles/ as a folder: both H100 profiles fit; 9B is the larger model.
     assert _serve(PROFILES)[0] == ("klein-9b", "fp8")
     assert _serve(PROFILES, allow_non_commercial=False)[0] == ("klein-4b", "none")
+
+
+# ---- the worker process reads BENCHMARK_PROFILE once: the limits it serves with are boot's
+
+
+def _feed_once(pipe: Path, text: str, stop: threading.Event) -> None:
+    """Serve ``text`` to the first process that opens the named pipe ``pipe``; every later reader
+    finds it empty (not JSON), so a second read of the profile cannot go unnoticed."""
+    fed = False
+    while not stop.is_set():
+        try:
+            # Succeeds only while a reader has the pipe open (a reader's open waits for a writer).
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            stop.wait(0.02)
+            continue
+        if not fed:
+            os.write(fd, text.encode())  # well under the pipe's buffer: never blocks
+            fed = True
+        os.close(fd)  # the reader sees the end of the file (again, if it is the first one still reading)
+
+
+def test_the_worker_process_reads_its_profile_once_and_serves_with_its_limits(stack, tmp_path):
+    pipe = tmp_path / "profile.json"
+    os.mkfifo(pipe)
+    profile = _profile(fits=True, model="klein-4b", quant="none", refs=1, batch=4)
+    stop = threading.Event()
+    feeder = threading.Thread(target=_feed_once, args=(pipe, json.dumps(profile), stop), daemon=True)
+    feeder.start()
+    stack.client("s3").put_object(Bucket=stack.bucket, Key="refs/a.png", Body=png_bytes(64, 64))
+    ref = {"url": stack.presign_get("refs/a.png")}
+    for job_id, refs in (("one-ref", [ref]), ("two-refs", [ref, ref])):
+        job_input = {"prompts": ["a lighthouse"], "width": 256, "height": 256, "images": refs}
+        job_input["upload_urls"] = [stack.presign_put(f"once/{job_id}.png", "image/png")]
+        send(stack, {"id": job_id, "type": "generate", "input": job_input})
+    proc = spawn_worker(stack, BENCHMARK_PROFILE=str(pipe))
+    found: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT_S - 60  # inside pytest's own timeout
+        while len(found) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            found.update((r["id"], r) for r in results(stack, wait=2))
+    finally:
+        stop.set()
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+        feeder.join(timeout=10)
+    assert set(found) == {"one-ref", "two-refs"}, stderr[-3000:]
+    # The limit is the profile's (1 reference, where the default is 10), read once at boot: the
+    # runner did not open the profile again (it would have found it empty and refused to start).
+    assert found["one-ref"]["status"] == "succeeded", found["one-ref"].get("error")
+    refused = found["two-refs"]
+    assert refused["status"] == "failed" and refused["error"]["code"] == "invalid_input"
+    assert "at most 1 reference images (MAX_REFERENCES), got 2" in refused["error"]["message"]

@@ -117,7 +117,7 @@ def demo(
         settings = settings.model_copy(update=unset)
         configure_logging(level=settings.log_level, fmt=settings.log_format)
         with console.status(f"loading {settings.model} model..."):
-            engines = boot_engines(settings)
+            engines, limits = boot_engines(settings)
 
         def run_worker(n_jobs: int) -> int:
             with _progress() as progress:
@@ -128,7 +128,8 @@ def demo(
                     if status != "retry":
                         progress.advance(task)
 
-                return build_runner(settings, engines=engines, on_event=on_event).run(burst=True)
+                runner = build_runner(settings, engines=engines, on_event=on_event, limits=limits)
+                return runner.run(burst=True)
 
         size = DEMO_SIZE if settings.model == "tiny" else REAL_SIZE
         loras = engines.klein.loras if engines.klein is not None else None

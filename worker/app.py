@@ -7,13 +7,13 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from handlers.dispatch import HANDLERS
 from handlers.engine_set import Engines
 from handlers.schemas import Limits
 from klein_facts.jobs import DEFAULT_HEIGHT, DEFAULT_MAX_REFERENCES, DEFAULT_WIDTH
-from klein_facts.profile import served_latency
+from klein_facts.profile import BenchmarkProfile, served_latency
 from worker.boot import build_engines
 from worker.config import Settings
 from worker.execute import JobExecutor
@@ -33,7 +33,16 @@ from worker.vast_self import destroy_own_instance
 log = logging.getLogger(__name__)
 
 
-def boot_engines(settings: Settings) -> Engines:
+class Booted(NamedTuple):
+    """What boot made: the engines, and the job limits from the benchmark profile that chose their
+    variant. BENCHMARK_PROFILE is read once, here, so the two cannot come from different profiles
+    (a folder's files changed after boot, or another NVML reading) and boot probes NVML once."""
+
+    engines: Engines
+    limits: Limits
+
+
+def boot_engines(settings: Settings) -> Booted:
     gpus = probe_gpus(settings.cuda_visible_devices)
     for gpu in gpus:
         log.info(
@@ -57,13 +66,19 @@ def boot_engines(settings: Settings) -> Engines:
             DEFAULT_HEIGHT,
             " compiled" if profile.settings.compiled else "",
         )
-    return build_engines(settings, choose_variant(settings, gpus, profile))
+    limits = profile_limits(settings, profile)
+    return Booted(build_engines(settings, choose_variant(settings, gpus, profile)), limits)
 
 
 def limits_for(settings: Settings, gpus: list[GpuInfo] | None = None) -> Limits:
-    """MAX_REFERENCES (and MAX_BATCH, when not set) default from the benchmark profile's measurements
-    (from a folder of profiles: the one boot chose for this card)."""
-    profile = read_profile(settings, gpus)
+    """``profile_limits`` of the profile BENCHMARK_PROFILE gives for ``gpus`` (from a folder: the one
+    ``choose_profile`` takes for this card; NVML is probed when ``gpus`` is None)."""
+    return profile_limits(settings, read_profile(settings, gpus))
+
+
+def profile_limits(settings: Settings, profile: BenchmarkProfile | None) -> Limits:
+    """MAX_REFERENCES (and MAX_BATCH, when not set) default from the benchmark profile's measurements;
+    a profile that fits nothing gives none."""
     measured = profile.limits if profile is not None and profile.recommendation.fits else None
     refs = settings.max_references
     if refs is None:
@@ -98,10 +113,12 @@ def build_runner(
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     on_idle_exit: Callable[[], object] | None = None,
     on_abandon: Callable[[], None] | None = None,
+    limits: Limits | None = None,
 ) -> Runner:
     """The runner for ``settings``. ``source`` replaces the job source of QUEUE_URL(S) (a benchmark
     wraps ``job_source`` to take timestamps); ``polls`` receives the runner's poll health (/healthz
-    reads it); ``on_event``, ``on_idle_exit`` and ``on_abandon`` are the runner's hooks."""
+    reads it); ``on_event``, ``on_idle_exit`` and ``on_abandon`` are the runner's hooks; ``limits``
+    are the job limits boot derived (``boot_engines``), read from BENCHMARK_PROFILE here when None."""
     settings.require_queues()
     client = sqs_client or _sqs_client(settings)
     transfer = TransferClient(
@@ -123,7 +140,7 @@ def build_runner(
         handlers=HANDLERS,
         engines=engines,
         transfer=transfer,
-        limits=limits_for(settings),
+        limits=limits if limits is not None else limits_for(settings),
         worker_id=settings.worker_id,
         max_attempts=settings.max_attempts,
         retry_backoff_seconds=settings.retry_backoff_seconds,
@@ -159,7 +176,7 @@ def serve(settings: Settings) -> Runner:
         telemetry = Telemetry(polls=polls)
         telemetry.serve(settings.metrics_port)
     started = time.perf_counter()
-    engines = boot_engines(settings)
+    engines, limits = boot_engines(settings)
     if telemetry is not None:
         telemetry.model_ready(
             time.perf_counter() - started, loaded=lambda: engines.klein is not None, boot=engines.boot
@@ -170,6 +187,7 @@ def serve(settings: Settings) -> Runner:
         polls=polls,
         on_event=telemetry.observe if telemetry is not None else None,
         on_idle_exit=_destroy_on_idle(settings),
+        limits=limits,
     )
     stopper.attach(runner)
     runner.run()
