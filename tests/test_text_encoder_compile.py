@@ -18,6 +18,8 @@ from handlers.engines.klein_loader import create_klein_engine
 from handlers.engines.speed import DEFAULT_COMPILE_REGIONS, KLEIN_COMPILE_REGIONS, compile_pipeline
 
 PROMPTS = ["a red car on a wet street", "x"]
+# Longer than the tiny model's 64 tokens: truncated, it fills every position.
+LONG_PROMPT = "a lighthouse on a cliff at dusk, waves below, gulls above " * 10
 
 
 def _embeddings(engine: KleinEngine, prompts: list[str]) -> torch.Tensor:
@@ -100,19 +102,22 @@ def test_one_graph_serves_every_layer_and_any_image_size_after_the_warm_up() -> 
     assert len(layers) > 1
     before = _unique_graphs()
     engine.warm_up()
-    assert _unique_graphs() == before + 1  # the warm-up compiled it, once for all layers
+    # One graph for all layers, and its twin for prompts that fill every token (no padding, so
+    # transformers passes no attention mask): the warm-up compiled both.
+    assert _unique_graphs() == before + 2
     torch.testing.assert_close(_embeddings(engine, PROMPTS[:1]), _embeddings(eager, PROMPTS[:1]))
 
     # Another image size: the text encoder sees the same (1, prompt length), so its graph is reused
-    # as compiled code (a recompile would raise here), not skipped to eager.
+    # as compiled code (a recompile would raise here), not skipped to eager; a long prompt too.
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = _image(engine, 1, 96, 64)
-    assert _unique_graphs() == before + 1
+        torch.testing.assert_close(_embeddings(engine, [LONG_PROMPT]), _embeddings(eager, [LONG_PROMPT]))
+    assert _unique_graphs() == before + 2
     assert np.abs(compiled - _image(eager, 1, 96, 64)).max() <= 1
 
     # Another batch, not warmed up: the stance the warm-up set runs it eager, compiling nothing.
     _image(engine, 2, 64, 128)
-    assert _unique_graphs() == before + 1
+    assert _unique_graphs() == before + 2
 
 
 def test_two_warmed_batches_leave_one_batch_generic_graph_for_every_later_batch() -> None:
@@ -122,12 +127,12 @@ def test_two_warmed_batches_leave_one_batch_generic_graph_for_every_later_batch(
     eager = create_klein_engine(model="tiny")
     before = _unique_graphs()
     engine.warm_up()
-    assert _unique_graphs() == before + 2
+    assert _unique_graphs() == before + 4  # batch 1, any batch; each with and without padding
     with torch.compiler.set_stance("fail_on_recompile"):
         for batch in (3, 4):
-            prompts = (PROMPTS * batch)[:batch]
-            torch.testing.assert_close(_embeddings(engine, prompts), _embeddings(eager, prompts))
-    assert _unique_graphs() == before + 2
+            for prompts in ((PROMPTS * batch)[:batch], [LONG_PROMPT] * batch):
+                torch.testing.assert_close(_embeddings(engine, prompts), _embeddings(eager, prompts))
+    assert _unique_graphs() == before + 4
 
 
 def test_all_regions_trace_whole_and_match_the_eager_engine() -> None:
@@ -136,7 +141,8 @@ def test_all_regions_trace_whole_and_match_the_eager_engine() -> None:
     before = _unique_graphs()
     engine.warm_up()
     warmed = _unique_graphs()
-    assert warmed - before >= 4  # text encoder layer, two transformer block classes, VAE decoder
+    # Text encoder layer (padded and full prompts), two transformer block classes, VAE decoder.
+    assert warmed - before >= 5
     torch.testing.assert_close(_embeddings(engine, PROMPTS), _embeddings(eager, PROMPTS))
     assert np.abs(_image(engine, 1, 64, 64) - _image(eager, 1, 64, 64)).max() <= 1
     _image(engine, 2, 96, 64)
@@ -157,6 +163,18 @@ def test_inductor_compiled_text_encoder_gives_the_eager_embeddings_and_image() -
     # Inductor built the graph, or found it in its local cache from an earlier run: one either way.
     built = after["graphs_compiled"] - before["graphs_compiled"]
     cached = after["graphs_from_cache"] - before["graphs_from_cache"]
-    assert built + cached == 1 and after["dynamo_graphs"] == before["dynamo_graphs"] + 1
+    assert built + cached == 2 and after["dynamo_graphs"] == before["dynamo_graphs"] + 2
     torch.testing.assert_close(_embeddings(engine, PROMPTS[:1]), _embeddings(eager, PROMPTS[:1]))
     assert np.abs(_image(engine, 1, 64, 64) - _image(eager, 1, 64, 64)).max() <= 1
+
+
+def test_lora_hotswap_slots_only_when_the_transformer_is_compiled() -> None:
+    # The slot exists so adapters can change under compiled transformer blocks; with only the text
+    # encoder compiled, adapters load as for an eager engine and no slot enters the compile key.
+    from worker.compile_boot import lora_slot
+
+    text_only = create_klein_engine(
+        model="tiny", compile=True, compile_regions=("text_encoder",), max_loras=1, lora_max_rank=4
+    )
+    full = create_klein_engine(model="tiny", compile=True, max_loras=1, lora_max_rank=4)
+    assert (lora_slot(text_only), lora_slot(full)) == ("none", "1x4")

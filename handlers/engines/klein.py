@@ -143,8 +143,24 @@ class KleinEngine:
                 num_steps=WARMUP_STEPS,
                 guidance_scale=1.0,
             )
+        if "text_encoder" in self.compile_regions:
+            self._warm_up_full_length_prompts(sorted({batch for batch, _, _ in shapes}))
         if self.compiled:
             torch.compiler.set_stance("eager_on_recompile")
+
+    def _warm_up_full_length_prompts(self, batches: list[int]) -> None:
+        """Compile the text encoder's second graph: prompts that fill every token have no padding,
+        so transformers passes no attention mask (SDPA's causal path instead of a mask tensor), and
+        the layers' graph for a mask would not fit. Text encoder only: the image does not depend on it.
+        """
+        long_prompt = " ".join(["warm-up"] * self.max_sequence_length)  # at least one token a word
+        for batch in batches:
+            with torch.inference_mode():
+                self.pipeline.encode_prompt(
+                    prompt=[long_prompt] * batch,
+                    max_sequence_length=self.max_sequence_length,
+                    text_encoder_out_layers=self.text_encoder_out_layers,
+                )
 
     def free_memory(self) -> None:
         """Drop dead tensors and return cached CUDA blocks (after an OOM, or between big jobs)."""
