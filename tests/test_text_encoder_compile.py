@@ -149,6 +149,19 @@ def test_all_regions_trace_whole_and_match_the_eager_engine() -> None:
     assert _unique_graphs() == warmed  # a later job of another size and batch compiles nothing
 
 
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_a_quantized_text_encoder_traces_whole(quantization: str) -> None:
+    # FP8/INT8 variants quantize the text encoder's Linears into torchao tensor subclasses: the
+    # layer graph must still trace without a break (fullgraph) and give the same embeddings.
+    engine = create_klein_engine(model="tiny", quantization=quantization)
+    eager = _embeddings(engine, PROMPTS)
+    torch._dynamo.reset()
+    before = _unique_graphs()
+    compile_pipeline(engine.pipeline, regions=("text_encoder",), backend="eager")
+    torch.testing.assert_close(_embeddings(engine, PROMPTS), eager)
+    assert _unique_graphs() == before + 1
+
+
 @pytest.mark.timeout(600)  # one real inductor (C++) compile of the text encoder's layer graph
 def test_inductor_compiled_text_encoder_gives_the_eager_embeddings_and_image() -> None:
     torch._dynamo.reset()

@@ -152,7 +152,9 @@ def compile_text_encoder(
     read a ContextVar and guard on the length of the list they append to, which recompiles for
     every layer until dynamo's recompile limit breaks ``fullgraph`` (tried: transformers 5.24,
     torch 2.14). With the hooks left eager around it, the layer itself traces whole: position
-    embeddings as a (cos, sin) tensor pair, the 4D padding mask as a tensor, ``cache=None``.
+    embeddings as a (cos, sin) tensor pair, the 4D padding mask as a tensor, ``cache=None``. A
+    prompt that fills every token has no padding, and transformers then passes no mask at all
+    (SDPA's causal path): a second graph, which ``KleinEngine.warm_up`` compiles too.
 
     Shapes: the pipeline pads every prompt to ``max_sequence_length`` (512) tokens, so the sequence
     length never changes; the batch is the job's number of prompts (``KleinEngine.generate`` passes
