@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from diffusers import Flux2KleinPipeline
@@ -58,10 +58,14 @@ class KleinEngine:
         loras: LoraAdapters | None = None,
         compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
         attention_backend: str | None = None,
+        compile_regions: Collection[str] = (),
     ) -> None:
         self.pipeline = pipeline
         self.attention_backend = attention_backend
         self.compiled = compiled
+        # What compile_pipeline compiled (speed.KLEIN_COMPILE_REGIONS), sorted so the compile
+        # cache key can name it; empty for an engine that runs eager.
+        self.compile_regions = tuple(sorted(compile_regions)) if compiled else ()
         self.loras = loras  # None: this worker takes no LoRA adapters (MAX_LORAS=0)
         self.compile_sizes = tuple(compile_sizes)
         self.name = name
@@ -123,6 +127,10 @@ class KleinEngine:
         A compiled engine runs exactly its ``compile_sizes`` (the first call compiles, or loads the
         compiled graphs from the cache), then sets dynamo's stance to ``eager_on_recompile``: a job
         at any other shape runs eager (slower, but at once) instead of stalling on a recompile.
+        Each size runs every compiled region, the text encoder included: it sees (batch, prompt
+        length) whatever the image size, so a job at another size reuses its graph, and one at
+        another batch above 1 does too once the sizes held two batches (see
+        ``speed.compile_text_encoder``).
         """
         shapes = self.compile_sizes if self.compiled else ((1, WARMUP_SIZE, WARMUP_SIZE),)
         for batch, width, height in shapes:
@@ -135,8 +143,24 @@ class KleinEngine:
                 num_steps=WARMUP_STEPS,
                 guidance_scale=1.0,
             )
+        if "text_encoder" in self.compile_regions:
+            self._warm_up_full_length_prompts(sorted({batch for batch, _, _ in shapes}))
         if self.compiled:
             torch.compiler.set_stance("eager_on_recompile")
+
+    def _warm_up_full_length_prompts(self, batches: list[int]) -> None:
+        """Compile the text encoder's second graph: prompts that fill every token have no padding,
+        so transformers passes no attention mask (SDPA's causal path instead of a mask tensor), and
+        the layers' graph for a mask would not fit. Text encoder only: the image does not depend on it.
+        """
+        long_prompt = " ".join(["warm-up"] * self.max_sequence_length)  # at least one token a word
+        for batch in batches:
+            with torch.inference_mode():
+                self.pipeline.encode_prompt(
+                    prompt=[long_prompt] * batch,
+                    max_sequence_length=self.max_sequence_length,
+                    text_encoder_out_layers=self.text_encoder_out_layers,
+                )
 
     def free_memory(self) -> None:
         """Drop dead tensors and return cached CUDA blocks (after an OOM, or between big jobs)."""

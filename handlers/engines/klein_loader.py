@@ -8,7 +8,7 @@ Runs once at boot; ``handlers.engines.klein.KleinEngine`` is what it returns and
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ from handlers.engines.quantize import (
     quantize_pipeline,
 )
 from handlers.engines.speed import (
+    DEFAULT_COMPILE_REGIONS,
     compile_pipeline,
+    compile_regions_checked,
     enable_fast_math,
     fuse_qkv,
     set_attention_backend,
@@ -100,6 +102,7 @@ def create_klein_engine(
     dtype: torch.dtype | None = None,
     compile: bool = False,
     compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
+    compile_regions: Collection[str] = DEFAULT_COMPILE_REGIONS,
     nunchaku_transformer: str | None = None,
     max_loras: int = 0,
     lora_max_rank: int = 64,
@@ -111,11 +114,13 @@ def create_klein_engine(
     variants load ``model_path`` or their hub id in bf16 (``cache_dir``: the hub cache, e.g.
     ``$HF_HOME/hub``); ``dtype`` overrides that (tests run a saved tiny folder in float32 on CPU).
     ``quantization`` "auto" must be resolved by boot first; every quantization problem is raised
-    before a weight loads. ``compile``: see ``build_engine``; ``compile_sizes``: what the warm-up compiles.
+    before a weight loads. ``compile``, ``compile_regions``: see ``build_engine``; ``compile_sizes``:
+    what the warm-up compiles.
     ``nunchaku_transformer``: a nunchaku-quantized FLUX.2 transformer folder, for nunchaku-*.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+    compile_regions_checked(compile_regions)  # a bad name fails before any weight loads
     if model == "tiny" and quantization == "auto":
         # Random weights have nothing to pick a precision for; "auto" simply means full precision.
         quantization = "none"
@@ -151,6 +156,7 @@ def create_klein_engine(
         max_loras=max_loras,
         lora_max_rank=lora_max_rank,
         compile_sizes=compile_sizes,
+        compile_regions=compile_regions,
         attention_backend=attention_backend,
     )
 
@@ -163,6 +169,7 @@ def build_engine(
     quantization: str = "none",
     compile: bool = False,
     compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
+    compile_regions: Collection[str] = DEFAULT_COMPILE_REGIONS,
     capability: Capability | None = None,
     max_loras: int = 0,
     lora_max_rank: int = 64,
@@ -176,9 +183,11 @@ def build_engine(
     4. move to ``device``,
     5. LoRA adapter handling for ``max_loras`` per job (compiled: hotswap slots, which must exist
        before compiling; see ``handlers.engines.lora``),
-    6. compile the transformer blocks and the VAE decoder (with ``compile``; on a CPU inductor builds
-       C++, which serves the tests of the compiled path and the compile cache).
+    6. compile ``compile_regions`` (with ``compile``; ``speed.KLEIN_COMPILE_REGIONS``, by default the
+       transformer blocks and the VAE decoder; on a CPU inductor builds C++, which serves the tests
+       of the compiled path and the compile cache). No region at all means an eager engine.
     """
+    regions = compile_regions_checked(compile_regions)
     layers, max_length = prompt_settings(pipeline)
     pipeline.text_encoder = truncate_text_encoder(pipeline.text_encoder, max(layers))
     nunchaku = quantization in NUNCHAKU_QUANTIZATIONS  # its transformer comes fused and compiled
@@ -189,21 +198,24 @@ def build_engine(
     pipeline.to(device)
     if attention_backend:  # after the QKV fusion, which rebuilds no processor but is done first anyway
         set_attention_backend(pipeline.transformer, attention_backend)
-    compiled = compile and not nunchaku
+    # The nunchaku transformer comes compiled; compiling nothing is no compiled engine either.
+    compiled = compile and not nunchaku and bool(regions)
     if device.type == "cuda":
         enable_fast_math()
+    # Hotswap slots only where LoRA weights meet compiled code: the transformer's blocks.
+    hotswap = compiled and "transformer" in regions
     loras = create_lora_adapters(
-        pipeline, quantization=quantization, max_loras=max_loras, max_rank=lora_max_rank, hotswap=compiled
+        pipeline, quantization=quantization, max_loras=max_loras, max_rank=lora_max_rank, hotswap=hotswap
     )
     if compiled:
-        compile_pipeline(pipeline)
+        compile_pipeline(pipeline, regions=regions)
     logger.info(
         "klein engine %s ready on %s (text layers %s, max %d tokens, compiled %s)",
         name,
         device,
         layers,
         max_length,
-        compiled,
+        ", ".join(regions) if compiled else "nothing",
     )
     return KleinEngine(
         pipeline=pipeline,
@@ -214,6 +226,7 @@ def build_engine(
         compiled=compiled,
         loras=loras,
         compile_sizes=compile_sizes,
+        compile_regions=regions,
         attention_backend=attention_backend,
     )
 

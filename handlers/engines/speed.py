@@ -7,17 +7,25 @@ Each step keeps the pipeline's interface, so ``Flux2KleinPipeline.__call__`` run
   logits are pure waste (Qwen3-8B: 9 layers and a 1.2 GB ``lm_head``, 4.7 GB of bf16 in all).
 - ``fuse_qkv``: one [q;k;v] matmul instead of three in the double-stream blocks (the single-stream
   blocks are fused by design).
-- ``compile_pipeline``: regional ``torch.compile`` of the repeated transformer blocks (one graph per
-  block class, reused by every instance), plus the VAE decoder. Boot cost, from the reference
-  measurements on an H100: 45-60 s to compile the whole 4B transformer, several-fold less
-  regionally (one double- and one single-stream block graph), 20-38 s for the VAE decoder; paid
-  by the warm-up, once per process unless TORCHINDUCTOR_CACHE_DIR persists across starts.
-  Gain: 4B 1024^2 step 85.9 -> 58.9 ms, VAE decode 91 -> 38 ms (with channels_last).
+- ``compile_pipeline``: regional ``torch.compile`` of the chosen ``regions`` (``KLEIN_COMPILE_REGIONS``),
+  each compiled where it repeats or where its cost sits:
+
+  - ``transformer``: its repeated blocks (one graph per block class, reused by every instance).
+    Boot cost, from the reference measurements on an H100: 45-60 s to compile the whole 4B
+    transformer, several-fold less regionally; gain: 4B 1024^2 step 85.9 -> 58.9 ms.
+  - ``vae``: the VAE decoder, in channels_last. Boot cost 20-38 s; decode 91 -> 38 ms.
+  - ``text_encoder``: each Qwen3 decoder layer (one graph for all of them) at the fixed 512-token
+    prompt length. Off by default (``DEFAULT_COMPILE_REGIONS``): whether it pays for its compile
+    time is for a GPU measurement to say (issue 10), not assumed.
+
+  Compilation is lazy: the warm-up pays it at boot, once per process unless the compile cache
+  (COMPILE_CACHE) brings the graphs from an earlier start.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -27,6 +35,11 @@ logger = logging.getLogger(__name__)
 # The unfused projections fuse_projections() copies from. diffusers keeps them, doubling those
 # weights (0.6 GB in 4B, 1.6 GB in 9B); once fused the processors never read them again.
 _UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+# The parts of a klein pipeline ``compile_pipeline`` can compile, and those it compiles unless told
+# otherwise. Said once, here: the engine, its loader and the tests read these names.
+KLEIN_COMPILE_REGIONS: tuple[str, ...] = ("transformer", "vae", "text_encoder")
+DEFAULT_COMPILE_REGIONS: tuple[str, ...] = ("transformer", "vae")
 
 
 def truncate_text_encoder(text_encoder: Any, last_layer: int) -> Any:
@@ -127,11 +140,63 @@ def compile_vae_decoder(vae: Any, *, dynamic: bool | None = True, backend: str =
     logger.info("VAE decoder compiled lazily (backend %s)", backend)
 
 
-def compile_pipeline(pipeline: Any, *, vae: bool = True, backend: str = "inductor") -> None:
-    """Regional compilation of the transformer and, with ``vae``, of the VAE decoder.
+def compile_text_encoder(
+    text_encoder: Any, *, dynamic: bool | None = None, backend: str = "inductor"
+) -> None:
+    """Compile each decoder layer of the (truncated) Qwen3 text encoder in place: one graph for all.
 
-    Compilation happens on the first call; the engine's warm-up pays it at boot.
+    Regional, like ``compile_repeated_blocks`` for the transformer: every layer runs the same code
+    on same-shaped weights, so dynamo traces one graph and every layer reuses it. Only the layer's
+    ``forward`` is compiled, not ``module.compile()``'s ``_call_impl``: transformers collects
+    ``output_hidden_states`` through forward hooks on each decoder layer, and compiled, those hooks
+    read a ContextVar and guard on the length of the list they append to, which recompiles for
+    every layer until dynamo's recompile limit breaks ``fullgraph`` (tried: transformers 5.24,
+    torch 2.14). With the hooks left eager around it, the layer itself traces whole: position
+    embeddings as a (cos, sin) tensor pair, the 4D padding mask as a tensor, ``cache=None``. A
+    prompt that fills every token has no padding, and transformers then passes no mask at all
+    (SDPA's causal path): a second graph, which ``KleinEngine.warm_up`` compiles too.
+
+    Shapes: the pipeline pads every prompt to ``max_sequence_length`` (512) tokens, so the sequence
+    length never changes; the batch is the job's number of prompts (``KleinEngine.generate`` passes
+    one prompt per image; the negative prompt of guided, undistilled models is a second call of
+    that same batch). So the shape is (prompts in the job, 512): fixed in length, not in batch.
+    ``dynamic=None`` (dynamo's automatic dynamic shapes) fits exactly that: the first batch
+    compiles a static graph, a second batch in the warm-up's sizes recompiles with only the batch
+    symbolic (the length never changed, so it stays a static 512), and that graph serves every
+    later batch above 1. ``dynamic=False`` would leave any batch not warmed up eager, and
+    ``dynamic=True`` would make the 512 symbolic too while batch 1 stays specialised anyway.
     """
-    compile_transformer(pipeline.transformer, backend=backend)
-    if vae:
+    layers = getattr(text_encoder, "base_model", text_encoder).layers
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, fullgraph=True, dynamic=dynamic, backend=backend)
+    logger.info("text encoder layers compiled lazily (%d layers, backend %s)", len(layers), backend)
+
+
+def compile_regions_checked(regions: Collection[str]) -> tuple[str, ...]:
+    """``regions`` as a sorted tuple of names, or a ValueError naming those that are not regions."""
+    if isinstance(regions, str):  # "vae" would otherwise read as the regions "v", "a", "e"
+        raise ValueError(f"compile regions must be a collection of names, not the string {regions!r}")
+    unknown = sorted(set(regions) - set(KLEIN_COMPILE_REGIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown compile region(s) {', '.join(unknown)}; known: {', '.join(KLEIN_COMPILE_REGIONS)}"
+        )
+    return tuple(sorted(set(regions)))
+
+
+def compile_pipeline(
+    pipeline: Any, *, regions: Collection[str] = DEFAULT_COMPILE_REGIONS, backend: str = "inductor"
+) -> tuple[str, ...]:
+    """Regional compilation of the named ``regions`` (see ``KLEIN_COMPILE_REGIONS``); returns them sorted.
+
+    Unknown names raise ValueError before anything is compiled; an empty collection compiles
+    nothing. Compilation happens on the first call; the engine's warm-up pays it at boot.
+    """
+    chosen = compile_regions_checked(regions)
+    if "transformer" in chosen:
+        compile_transformer(pipeline.transformer, backend=backend)
+    if "vae" in chosen:
         compile_vae_decoder(pipeline.vae, backend=backend)
+    if "text_encoder" in chosen:
+        compile_text_encoder(pipeline.text_encoder, backend=backend)
+    return chosen
