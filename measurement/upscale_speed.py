@@ -19,7 +19,7 @@ from measurement.meter import Meter
 def measure_upscale(args: argparse.Namespace, device: torch.device, meter: Meter) -> list[dict[str, Any]]:
     """Real-ESRGAN x4 from ``--size`` to 4x, tiled with the worker's tiles and untiled."""
     if args.smoke:
-        from handlers.engines.upscaler import create_upscaler
+        from handlers.engines.upscaler_loader import create_upscaler
 
         def make(tile: int) -> Upscaler:
             return create_upscaler(
