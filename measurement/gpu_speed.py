@@ -105,9 +105,9 @@ def measure_stage(
 
 
 def _compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
+    from handlers.engines.compile_cache import compile_counts
 
-    return int(counters["stats"]["unique_graphs"])
+    return compile_counts()["dynamo_graphs"]
 
 
 def run_speed_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,6 +117,9 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check")
     meter = Meter(device)
     report: dict[str, Any] = {"env": environment(device), "args": _jsonable(vars(args)), "stages": []}
+    if args.upscale_only:
+        report["upscale_x4"] = measure_upscale(args, device, meter)
+        return report
 
     started = time.perf_counter()
     pipeline = build_pipeline(args, device)

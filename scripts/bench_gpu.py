@@ -3,6 +3,7 @@
     python scripts/bench_gpu.py --model klein-4b                    # BF16
     python scripts/bench_gpu.py --model klein-9b                    # FP8 (the 9B default)
     python scripts/bench_gpu.py --model klein-4b --quantization fp8 --json out.json
+    python scripts/bench_gpu.py --upscale-only                      # Real-ESRGAN x4 rows only
     python scripts/bench_gpu.py --smoke                             # same code, tiny model, CPU
 
 Builds the full-size architecture with random weights on the GPU (``measurement/random_weights.py``:
@@ -20,7 +21,8 @@ For each: seconds per ``--size`` image at ``--steps`` steps (median of ``--runs`
 ``--warmup`` calls, whole pipeline call with PIL output), images/s over a batch of ``--batch``
 (median of ``--batch-runs``), VRAM at rest (allocated after a gc + empty_cache) and peak (max allocated).
 Then Real-ESRGAN x4 (random full-size RRDBNet, 64 filters, 23 blocks, fp16) from ``--size`` to
-4x, tiled (the worker's 512 tiles) and untiled. Prints JSON, then a markdown table.
+4x, tiled (the worker's 512 tiles) and untiled, eager and compiled as COMPILE_REGIONS=upscaler
+serves it (its compile timed apart). Prints JSON, then a markdown table.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stage-runs", type=int, default=5, help="calls timed per stage (median)")
     parser.add_argument("--skip-upscale", action="store_true")
+    parser.add_argument(
+        "--upscale-only",
+        action="store_true",
+        help="only the Real-ESRGAN x4 rows (eager and, unless --no-compile, compiled): no klein build",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model on the CPU, seconds: checks the script"
