@@ -33,6 +33,7 @@ import logging
 import sys
 from pathlib import Path
 
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS, parse_regions
 from klein_facts.variants import KLEIN_MODELS, TORCHAO_QUANTIZATIONS, default_quantization
 from measurement.gpu_speed import run_speed_benchmark
 from measurement.speed_report import markdown, save_partial
@@ -66,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="compile static-shape graphs (dynamic=False) instead of the worker's shape-generic ones, "
         "to measure which serves faster and compiles sooner",
+    )
+    parser.add_argument(
+        "--compile-regions",
+        type=parse_regions,
+        default=DEFAULT_COMPILE_REGIONS,
+        help="COMPILE_REGIONS for the compiled stage (klein's: transformer, vae, text_encoder), "
+        f"default {','.join(DEFAULT_COMPILE_REGIONS)}",
     )
     parser.add_argument("--skip-plain", action="store_true", help="skip plain diffusers (saves time)")
     parser.add_argument(
