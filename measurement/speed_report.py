@@ -48,6 +48,8 @@ def markdown(report: dict[str, Any]) -> str:
     if args["model"] == "klein-4b" and report["stages"]:
         best = min(stage["s_per_image"] for stage in report["stages"])
         lines.append(f"Best vs the H100 floor ({H100_FLOOR_S} s): {best / H100_FLOOR_S:.2f}x")
+    if report.get("profile"):
+        lines += _profile_lines(report["profile"])
     if report.get("upscale_x4"):
         lines += [
             "",
@@ -65,6 +67,24 @@ def markdown(report: dict[str, Any]) -> str:
                 boot = f"{row['load_s']:.2f}"
             lines.append(f"| {label} | {boot} | {row['s']:.3f} | {_gib(row['peak_gib'])} |")
     return "\n".join(lines)
+
+
+def _profile_lines(found: dict[str, Any]) -> list[str]:
+    idle = found["device_idle_ms"]
+    lines = [
+        "",
+        f"Profiled image: {found['wall_ms']:.1f} ms, GPU busy {found['device_busy_ms']:.1f} ms"
+        + (f", idle {idle:.1f} ms" if idle is not None else "")
+        + "; host waits: "
+        + (", ".join(f"{op} x{n}" for op, n in found["syncs"].items() if n) or "none"),
+        "",
+        "| host op | calls | self host (ms) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {row['op']} | {row['calls']} | {row['self_host_ms']:.2f} |" for row in found["top_host_ops"]
+    ]
+    return lines
 
 
 def _compile_lines(report: dict[str, Any]) -> list[str]:

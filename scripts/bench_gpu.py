@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage-runs", type=int, default=5, help="calls timed per stage (median)")
     parser.add_argument("--skip-upscale", action="store_true")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one image of the last engine under torch.profiler: GPU busy vs idle, host syncs, top host "
+        "ops (measurement/glue_profile.py; the full table beside --json as *.profile.txt)",
+    )
+    parser.add_argument(
         "--upscale-only",
         action="store_true",
         help="only the Real-ESRGAN x4 rows (eager and, unless --no-compile, compiled): no klein build",

@@ -9,10 +9,10 @@
 # vram-4b 110 s, vram-9b 159 s; the FP8 compiled stages need over 5 min of compiling.
 # Steps: deps, tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b, cold-4b,
 # cold-4b-cache, bench-4b-stages, attn-4b, fp8-4b-stages, fp8-9b-stages, static-4b, upscale-x4,
-# textenc-4b (see the case below). Presets (issue 10, each one call within ~9.5 minutes):
+# textenc-4b, profile-4b (see the case below). Presets (issue 10, each one call within ~9.5 minutes):
 #   issue10         deps, cold-4b-cache, bench-4b-stages, attn-4b    (limits 20+330+150+60 s)
 #   issue10-fp8     deps, fp8-4b-stages, fp8-9b-stages               (limits 20+240+300 s)
-#   issue10-static  deps, static-4b                                  (limits 20+240 s)
+#   issue10-static  deps, static-4b, profile-4b                      (limits 20+240+300 s)
 #   issue10-regions deps, upscale-x4, textenc-4b                     (limits 20+150+330 s)
 # Each step runs under its own time limit (SECONDS, else its default) with its
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
@@ -65,7 +65,7 @@ for spec in "$@"; do
     case $spec in
     issue10) steps+=(deps cold-4b-cache:330 bench-4b-stages:150 attn-4b:60) ;;
     issue10-fp8) steps+=(deps fp8-4b-stages:240 fp8-9b-stages:300) ;;
-    issue10-static) steps+=(deps static-4b:240) ;;
+    issue10-static) steps+=(deps static-4b:240 profile-4b:300) ;;
     issue10-regions) steps+=(deps upscale-x4:150 textenc-4b:330) ;;
     *) steps+=("$spec") ;;
     esac
@@ -133,6 +133,14 @@ pydantic_settings, boto3, moto.server; print('torch', torch.__version__, 'diffus
         run_step "$name" "${limit:-330}" "$python" scripts/bench_gpu.py --model klein-4b --runs 5 \
             --batch 1 --batch-runs 1 --skip-plain --skip-upscale \
             --compile-regions transformer,vae,text_encoder --json "$out/$name.json"
+        ;;
+    profile-4b)
+        # The ~35 ms of pipeline glue: one compiled 4B image under torch.profiler (GPU busy vs idle,
+        # host syncs, top host ops; the full table in profile-4b.profile.txt). Compiles unless the
+        # bundle of cold-4b-cache is still in /tmp (a warm machine): ~3 min, within the limit.
+        run_step "$name" "${limit:-300}" "$python" scripts/bench_gpu.py --model klein-4b --runs 2 \
+            --warmup 1 --batch 1 --batch-runs 1 --stage-runs 2 --skip-plain --skip-upscale --profile \
+            --compile-cache /tmp/klein-compile-cache --json "$out/$name.json"
         ;;
     attn-4b)
         # The attention-backend lever: the eager engine with cuDNN attention (compare with the

@@ -194,26 +194,3 @@ def test_compile_regions_parse_and_default() -> None:
         "upscaler",
     )
     assert Settings(compile_regions="none").compiled_regions() == ()
-
-
-def test_the_gpu_benchmark_times_the_upscaler_eager_and_compiled(tmp_path: Path) -> None:
-    # bench_gpu.py --upscale-only, on the tiny upscaler with dynamo's eager backend: the code path
-    # of the GPU run that fills BENCHMARKS.md's "1024 -> 4096 x4 compiled" row.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_gpu", Path(__file__).parents[1] / "scripts" / "bench_gpu.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--compile-backend", "eager", "--upscale-only", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    rows = [(row["tile"], row["compiled"]) for row in report["upscale_x4"]]
-    assert rows == [(32, False), (None, False), (32, True), (None, True)]
-    assert report["stages"] == []  # no klein built
-    for row in report["upscale_x4"]:
-        assert row["s"] > 0 and row["output"] == 4 * row["input"]
-        assert row["graphs_compiled_during_runs"] == 0  # no compile hidden in the timed runs
-        assert (row["compile_s"] is not None) == row["compiled"]
