@@ -1,5 +1,6 @@
 """What compiling the klein engine costs a worker's boot, measured two ways for ``scripts/bench_gpu.py``:
-in two parts with no cache (transformer, VAE decoder), or through the worker's own compile-cache step."""
+region by region with no cache (``--compile-regions``: transformer, VAE decoder, text encoder), or
+through the worker's own compile-cache step."""
 
 from __future__ import annotations
 
@@ -9,32 +10,52 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from handlers.engines.klein import KleinEngine
-from handlers.engines.speed import compile_transformer, compile_vae_decoder
+from handlers.engines.speed import compile_text_encoder, compile_transformer, compile_vae_decoder
+from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
 from measurement.speed_report import save_partial
 
 logger = logging.getLogger("bench_gpu")
 
 
-def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
-    """What the worker's boot pays with no cache, in two parts (transformer, VAE decoder): on the
-    first H100 run the total was 170 s for 4B BF16, and FP8 runs were cut off while compiling."""
+def klein_regions(args: argparse.Namespace) -> tuple[str, ...]:
+    """The klein regions of ``--compile-regions`` (the upscaler's rows are measure_upscale's)."""
+    return tuple(region for region in args.compile_regions if region in KLEIN_COMPILE_REGIONS)
+
+
+def compile_regions(engine: KleinEngine, args: argparse.Namespace, regions: tuple[str, ...]) -> None:
+    """Wrap ``regions`` for compiling as the worker does (``--compile-static``: static shapes for
+    the transformer and the VAE; the text encoder keeps the worker's automatic dynamic shapes)."""
     backend, dynamic = args.compile_backend, not args.compile_static
     pipeline: Any = engine.pipeline  # diffusers registers its modules at runtime: mypy cannot see them
-    for part, compile_part in (
-        (
-            "transformer",
-            lambda: compile_transformer(pipeline.transformer, backend=backend, dynamic=dynamic),
-        ),
-        ("vae", lambda: compile_vae_decoder(pipeline.vae, backend=backend, dynamic=dynamic)),
-    ):
-        compile_part()
+    for region in regions:
+        if region == "transformer":
+            compile_transformer(pipeline.transformer, backend=backend, dynamic=dynamic)
+        elif region == "vae":
+            compile_vae_decoder(pipeline.vae, backend=backend, dynamic=dynamic)
+        elif region == "text_encoder":
+            compile_text_encoder(pipeline.text_encoder, backend=backend)
+    engine.compile_regions = tuple(sorted(set(engine.compile_regions) | set(regions)))
+
+
+def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """What the worker's boot pays with no cache, region by region (``--compile-regions``; on the
+    first H100 run transformer + VAE decoder took 170 s for 4B BF16, and FP8 runs were cut off
+    while compiling): each region's compile is the warm-up that follows its wrapping."""
+    engine.compile_regions = ()
+    for part in klein_regions(args):
+        compile_regions(engine, args, (part,))
+        # The previous part's warm-up ended with dynamo refusing new compiles (the worker's stance);
+        # every region shares nn.Module's call frame, so this one would otherwise run eager.
+        torch.compiler.set_stance("default")
         started = time.perf_counter()
         engine.warm_up()
         report[f"compile_warmup_{part}_s"] = time.perf_counter() - started
         logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
         save_partial(report, args.json)
-    report["compile_warmup_s"] = report["compile_warmup_transformer_s"] + report["compile_warmup_vae_s"]
+    report["compile_warmup_s"] = sum(report[f"compile_warmup_{part}_s"] for part in klein_regions(args))
 
 
 def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -45,10 +66,9 @@ def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report:
     from worker.compile_store import open_stores
     from worker.variant import Variant
 
-    backend, dynamic = args.compile_backend, not args.compile_static
-    pipeline: Any = engine.pipeline
-    compile_transformer(pipeline.transformer, backend=backend, dynamic=dynamic)
-    compile_vae_decoder(pipeline.vae, backend=backend, dynamic=dynamic)
+    dynamic = not args.compile_static
+    engine.compile_regions = ()
+    compile_regions(engine, args, klein_regions(args))
     variant = Variant(args.model, args.quantization, engine.device.type, "bench")
 
     def s3_client() -> Any:

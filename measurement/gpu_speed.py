@@ -5,6 +5,7 @@ per-model split), images/s over a batch, VRAM at rest and peak; then the upscale
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import time
@@ -20,6 +21,7 @@ from handlers.engines.speed import enable_fast_math, set_attention_backend
 from measurement.compile_cost import compile_in_parts, compile_through_cache
 from measurement.engines import build_pipeline
 from measurement.environment import environment
+from measurement.glue_profile import profile_call
 from measurement.meter import Meter
 from measurement.speed_report import save_partial
 from measurement.stage_timing import time_stages
@@ -105,9 +107,9 @@ def measure_stage(
 
 
 def _compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
+    from handlers.engines.compile_cache import compile_counts
 
-    return int(counters["stats"]["unique_graphs"])
+    return compile_counts()["dynamo_graphs"]
 
 
 def run_speed_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,6 +119,9 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check")
     meter = Meter(device)
     report: dict[str, Any] = {"env": environment(device), "args": _jsonable(vars(args)), "stages": []}
+    if args.upscale_only:
+        report["upscale_x4"] = measure_upscale(args, device, meter)
+        return report
 
     started = time.perf_counter()
     pipeline = build_pipeline(args, device)
@@ -158,6 +163,22 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             compile_in_parts(engine, args, report)
         save_partial(report, args.json)
         report["stages"].append(measure_engine(f"compiled {args.quantization}", engine, args, meter))
+        save_partial(report, args.json)
+
+    if args.profile:
+        # One image of the last engine measured (the compiled one unless --no-compile).
+        table = args.json.with_suffix(".profile.txt") if args.json else None
+        one_image = functools.partial(
+            engine.generate,
+            prompts=[PROMPT],
+            seeds=[0],
+            references=[],
+            width=args.size,
+            height=args.size,
+            num_steps=args.steps,
+            guidance_scale=1.0,
+        )
+        report["profile"] = profile_call(one_image, device, table)
         save_partial(report, args.json)
 
     if not args.skip_upscale:

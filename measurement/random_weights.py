@@ -32,7 +32,8 @@ from handlers.engines.klein import DEFAULT_COMPILE_SIZES, REAL_MAX_SEQUENCE_LENG
 from handlers.engines.klein_loader import build_engine
 from handlers.engines.quantize import check_quantization, device_capability
 from handlers.engines.tiny import build_tiny_tokenizer
-from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler, random_realesrgan
+from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler
+from handlers.engines.upscaler_loader import random_realesrgan
 
 logger = logging.getLogger(__name__)
 

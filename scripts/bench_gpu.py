@@ -3,6 +3,7 @@
     python scripts/bench_gpu.py --model klein-4b                    # BF16
     python scripts/bench_gpu.py --model klein-9b                    # FP8 (the 9B default)
     python scripts/bench_gpu.py --model klein-4b --quantization fp8 --json out.json
+    python scripts/bench_gpu.py --upscale-only                      # Real-ESRGAN x4 rows only
     python scripts/bench_gpu.py --smoke                             # same code, tiny model, CPU
 
 Builds the full-size architecture with random weights on the GPU (``measurement/random_weights.py``:
@@ -20,7 +21,8 @@ For each: seconds per ``--size`` image at ``--steps`` steps (median of ``--runs`
 ``--warmup`` calls, whole pipeline call with PIL output), images/s over a batch of ``--batch``
 (median of ``--batch-runs``), VRAM at rest (allocated after a gc + empty_cache) and peak (max allocated).
 Then Real-ESRGAN x4 (random full-size RRDBNet, 64 filters, 23 blocks, fp16) from ``--size`` to
-4x, tiled (the worker's 512 tiles) and untiled. Prints JSON, then a markdown table.
+4x, tiled (the worker's 512 tiles) and untiled, eager and compiled as COMPILE_REGIONS=upscaler
+serves it (its compile timed apart). Prints JSON, then a markdown table.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import sys
 from pathlib import Path
 
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS, parse_regions
 from klein_facts.variants import KLEIN_MODELS, TORCHAO_QUANTIZATIONS, default_quantization
 from measurement.gpu_speed import run_speed_benchmark
 from measurement.speed_report import markdown, save_partial
@@ -65,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compile static-shape graphs (dynamic=False) instead of the worker's shape-generic ones, "
         "to measure which serves faster and compiles sooner",
     )
+    parser.add_argument(
+        "--compile-regions",
+        type=parse_regions,
+        default=DEFAULT_COMPILE_REGIONS,
+        help="COMPILE_REGIONS for the compiled stage (klein's: transformer, vae, text_encoder), "
+        f"default {','.join(DEFAULT_COMPILE_REGIONS)}",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="skip plain diffusers (saves time)")
     parser.add_argument(
         "--attention-backend",
@@ -72,6 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stage-runs", type=int, default=5, help="calls timed per stage (median)")
     parser.add_argument("--skip-upscale", action="store_true")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one image of the last engine under torch.profiler: GPU busy vs idle, host syncs, top host "
+        "ops (measurement/glue_profile.py; the full table beside --json as *.profile.txt)",
+    )
+    parser.add_argument(
+        "--upscale-only",
+        action="store_true",
+        help="only the Real-ESRGAN x4 rows (eager and, unless --no-compile, compiled): no klein build",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model on the CPU, seconds: checks the script"

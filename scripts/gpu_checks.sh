@@ -8,11 +8,12 @@
 # Measured 2026-11-23 on an H100: tests ~3 min (the compiled tiny engine), bench-4b 335 s,
 # vram-4b 110 s, vram-9b 159 s; the FP8 compiled stages need over 5 min of compiling.
 # Steps: deps, tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b, cold-4b,
-# cold-4b-cache, bench-4b-stages, attn-4b, fp8-4b-stages, fp8-9b-stages, static-4b (see the case
-# below). Presets (issue 10, each one call within ~9.5 minutes):
-#   issue10        deps, cold-4b-cache, bench-4b-stages, attn-4b    (limits 20+330+150+60 s)
-#   issue10-fp8    deps, fp8-4b-stages, fp8-9b-stages               (limits 20+240+300 s)
-#   issue10-static deps, static-4b                                  (limits 20+240 s)
+# cold-4b-cache, bench-4b-stages, attn-4b, fp8-4b-stages, fp8-9b-stages, static-4b, upscale-x4,
+# textenc-4b, profile-4b (see the case below). Presets (issue 10, each one call within ~9.5 minutes):
+#   issue10         deps, cold-4b-cache, bench-4b-stages, attn-4b    (limits 20+330+150+60 s)
+#   issue10-fp8     deps, fp8-4b-stages, fp8-9b-stages               (limits 20+240+300 s)
+#   issue10-static  deps, static-4b, profile-4b                      (limits 20+240+300 s)
+#   issue10-regions deps, upscale-x4, textenc-4b                     (limits 20+150+330 s)
 # Each step runs under its own time limit (SECONDS, else its default) with its
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
 # reported and the next one still runs, so one bug does not cost the whole GPU lease. The
@@ -26,6 +27,9 @@
 # huggingface_hub (a carried huggingface_hub 2.x needs httpx2); the FP8 steps also need the torchao
 # wheel built for that machine's torch. The deps step checks the imports first (seconds), so a
 # missing package fails at once instead of after a model build. Untested on a lent machine so far.
+#
+# GPU_CHECKS_DRY_RUN=1 prints each step's command instead of running it: tests/test_gpu_checks.py
+# parses every one with its script's own argument parser, so a typo cannot cost a GPU lease.
 set -u
 
 out=${1:?usage: gpu_checks.sh OUT_DIR STEP[:SECONDS]...}
@@ -44,6 +48,7 @@ run_step() {
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
+    [ -n "${GPU_CHECKS_DRY_RUN:-}" ] && return 0
     local started=$SECONDS
     # SIGINT first: Python unwinds and the scripts keep what they measured so far.
     timeout --signal=INT --kill-after=20 "$limit" "$@" >"$out/$name.log" 2>&1
@@ -52,7 +57,7 @@ run_step() {
     grep -E "^\|| s/image|images/s|fits=|passed|failed|Error|error" "$out/$name.log" | tail -n 40
 }
 
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm \
+[ -n "${GPU_CHECKS_DRY_RUN:-}" ] || nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm \
     --format=csv 2>&1 | head -n 3
 
 steps=()
@@ -60,7 +65,8 @@ for spec in "$@"; do
     case $spec in
     issue10) steps+=(deps cold-4b-cache:330 bench-4b-stages:150 attn-4b:60) ;;
     issue10-fp8) steps+=(deps fp8-4b-stages:240 fp8-9b-stages:300) ;;
-    issue10-static) steps+=(deps static-4b:240) ;;
+    issue10-static) steps+=(deps static-4b:240 profile-4b:300) ;;
+    issue10-regions) steps+=(deps upscale-x4:150 textenc-4b:330) ;;
     *) steps+=("$spec") ;;
     esac
 done
@@ -84,11 +90,11 @@ pydantic_settings, boto3, moto.server; print('torch', torch.__version__, 'diffus
         # Issue 10: container start to first result, 4B BF16 from local disk; run 1 with an empty
         # COMPILE_CACHE (compiles and saves), run 2 with the bundle run 1 saved (a fresh process,
         # inductor's own caches in the same folder as on a restarted Vast instance).
-        rm -rf /tmp/klein-compile-cache
+        [ -n "${GPU_CHECKS_DRY_RUN:-}" ] || rm -rf /tmp/klein-compile-cache
         run_step "$name" "${limit:-300}" "$python" scripts/bench_cold_start.py --save-random klein-4b \
             --save-dir /tmp/klein-4b-random --size 1024 --runs 2 --env TORCH_COMPILE=true \
             --env COMPILE_CACHE=/tmp/klein-compile-cache --json "$out/$name.json"
-        ls -l /tmp/klein-compile-cache/*.bundle 2>&1 | tee -a "$out/$name.log"
+        [ -n "${GPU_CHECKS_DRY_RUN:-}" ] || ls -l /tmp/klein-compile-cache/*.bundle 2>&1 | tee -a "$out/$name.log"
         ;;
     bench-4b-stages)
         # Per-image time with per-stage CUDA-event times (text encoder, denoise, VAE decode, post):
@@ -113,6 +119,27 @@ pydantic_settings, boto3, moto.server; print('torch', torch.__version__, 'diffus
         # compare with bench-4b-stages' shape-generic compiled row (the worker's choice today).
         run_step "$name" "${limit:-240}" "$python" scripts/bench_gpu.py --model klein-4b --runs 5 \
             --batch 1 --batch-runs 1 --skip-plain --skip-upscale --compile-static \
+            --compile-cache /tmp/klein-compile-cache --json "$out/$name.json"
+        ;;
+    upscale-x4)
+        # COMPILE_REGIONS=upscaler: Real-ESRGAN x4 1024 -> 4096, tiled and untiled, eager and
+        # compiled (its boot compile timed apart; reference ~0.20 s compiled vs 0.33 s untiled eager).
+        run_step "$name" "${limit:-150}" "$python" scripts/bench_gpu.py --upscale-only --size 1024 \
+            --json "$out/$name.json"
+        ;;
+    textenc-4b)
+        # COMPILE_REGIONS=transformer,vae,text_encoder against bench-4b-stages' compiled row (the
+        # default regions): the text_encoder stage time and the boot cost it adds.
+        run_step "$name" "${limit:-330}" "$python" scripts/bench_gpu.py --model klein-4b --runs 5 \
+            --batch 1 --batch-runs 1 --skip-plain --skip-upscale \
+            --compile-regions transformer,vae,text_encoder --json "$out/$name.json"
+        ;;
+    profile-4b)
+        # The ~35 ms of pipeline glue: one compiled 4B image under torch.profiler (GPU busy vs idle,
+        # host syncs, top host ops; the full table in profile-4b.profile.txt). Compiles unless the
+        # bundle of cold-4b-cache is still in /tmp (a warm machine): ~3 min, within the limit.
+        run_step "$name" "${limit:-300}" "$python" scripts/bench_gpu.py --model klein-4b --runs 2 \
+            --warmup 1 --batch 1 --batch-runs 1 --stage-runs 2 --skip-plain --skip-upscale --profile \
             --compile-cache /tmp/klein-compile-cache --json "$out/$name.json"
         ;;
     attn-4b)

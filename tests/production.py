@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from handlers.engines.tiny import build_tiny_pipeline
-from handlers.engines.upscaler import random_realesrgan
+from handlers.engines.upscaler_loader import random_realesrgan
 from tests.scripted_http import ScriptedServer
 
 # A worker process imports torch and diffusers and loads the folder before it can answer.

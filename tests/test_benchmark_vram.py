@@ -279,7 +279,7 @@ def test_a_compiled_engine_is_warmed_before_anything_is_timed(bench, capsys):
     # --compile on a GPU gives an engine with compiled=True; the eager backend stands in on CPU.
     from handlers.engines.klein_loader import create_klein_engine
     from handlers.engines.speed import compile_pipeline
-    from handlers.engines.upscaler import create_upscaler
+    from handlers.engines.upscaler_loader import create_upscaler
 
     engine = create_klein_engine(model="tiny")
     compile_pipeline(engine.pipeline, backend="eager")

@@ -123,15 +123,16 @@ def test_the_key_names_the_setup_and_the_sizes() -> None:
 
     from handlers.engines.compile_cache import bundle_name, cache_key
 
-    key = cache_key(
-        device=torch.device("cpu"), variant="flux2-klein-tiny", quantization="none", sizes=((1, 64, 64),)
-    )
+    setup = {"device": torch.device("cpu"), "variant": "flux2-klein-tiny", "quantization": "none"}
+    key = cache_key(**setup, sizes=((1, 64, 64),), regions=("transformer", "vae"))
     assert key["device"] == "cpu" and key["torch"] == metadata.version("torch")
     assert key["sizes"] == "64x64:1" and len(key["engine_source"]) == 16
-    other = cache_key(
-        device=torch.device("cpu"), variant="flux2-klein-tiny", quantization="none", sizes=((2, 64, 64),)
-    )
+    assert key["regions"] == "transformer,vae" and key["spandrel"] == metadata.version("spandrel")
+    other = cache_key(**setup, sizes=((2, 64, 64),), regions=("transformer", "vae"))
     assert bundle_name(key) != bundle_name(other)
+    # COMPILE_REGIONS: a bundle without the upscaler's graphs (or with the text encoder's) misses.
+    upscaler = cache_key(**setup, sizes=((1, 64, 64),), regions=("transformer", "vae", "upscaler"))
+    assert bundle_name(key) != bundle_name(upscaler)
     assert bundle_name(key).startswith("flux2-klein-tiny-none-")
 
 
@@ -151,6 +152,7 @@ def test_the_lora_hotswap_slot_is_part_of_the_key() -> None:
             variant="flux2-klein-tiny",
             quantization="none",
             sizes=e.compile_sizes,
+            regions=e.compile_regions,
             lora_slot=slot,
         )
         for e, slot in ((slotted, lora_slot(slotted)), (plain, lora_slot(plain)))
@@ -171,10 +173,14 @@ def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
 
     torch._dynamo.reset()
     engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
-    compile_pipeline(engine.pipeline, backend="eager")
+    engine.compile_regions = compile_pipeline(engine.pipeline, backend="eager")
     engine.compiled = True
     key = cache_key(
-        device=engine.device, variant="flux2-klein-tiny", quantization="none", sizes=((1, 64, 64),)
+        device=engine.device,
+        variant="flux2-klein-tiny",
+        quantization="none",
+        sizes=((1, 64, 64),),
+        regions=engine.compile_regions,
     )
     (tmp_path / bundle_name(key)).write_bytes(_bundle(key)[:-1])  # truncated
     phases: dict[str, Any] = {}

@@ -15,7 +15,8 @@ from torch._dynamo.utils import counters
 from handlers.engines.compile_cache import compile_counts
 from handlers.engines.klein import KleinEngine
 from handlers.engines.klein_loader import create_klein_engine
-from handlers.engines.speed import DEFAULT_COMPILE_REGIONS, KLEIN_COMPILE_REGIONS, compile_pipeline
+from handlers.engines.speed import compile_pipeline
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS, KLEIN_COMPILE_REGIONS
 
 PROMPTS = ["a red car on a wet street", "x"]
 # Longer than the tiny model's 64 tokens: truncated, it fills every position.

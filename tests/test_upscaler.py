@@ -14,12 +14,8 @@ from safetensors.torch import save_file
 from spandrel.architectures.ESRGAN import ESRGAN
 
 from handlers.engines.tiling import _spans
-from handlers.engines.upscaler import (
-    UNTILED_BYTES_PER_OUTPUT_PIXEL,
-    Upscaler,
-    create_upscaler,
-    tiny_state_dict,
-)
+from handlers.engines.upscaler import UNTILED_BYTES_PER_OUTPUT_PIXEL, Upscaler
+from handlers.engines.upscaler_loader import create_upscaler, tiny_state_dict
 from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL, cache_path
 from handlers.errors import InvalidInput, JobError
 from tests.scripted_http import ScriptedServer

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from handlers.engine_set import Engines
+from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
 from klein_facts.variants import GIB
 from worker.boot_error import BootError
 from worker.compile_store import BundleStore, open_stores
@@ -34,12 +35,14 @@ WEIGHT_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, Safetens
 
 def build_engines(settings: Settings, variant: Variant) -> Engines:
     """Create the engines. With PRELOAD_MODELS (the default) klein loads and runs its warm-up
-    here, before the first job; without, the first generate job loads it. The upscaler always
-    loads on demand."""
+    here, before the first job; without, the first generate job loads it. The upscaler loads on
+    demand, except a compiled one (COMPILE_REGIONS naming it, with PRELOAD_MODELS), which loads
+    and compiles with klein."""
     started = time.perf_counter()
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
     compile_ = settings.torch_compile if settings.torch_compile is not None else variant.device == "cuda"
-    stores = compile_stores(settings, hf_home) if compile_ else []  # before torch: see compile_stores
+    regions = settings.compiled_regions() if compile_ else ()
+    stores = compile_stores(settings, hf_home) if regions else []  # before torch: see compile_stores
     from handlers.engines.klein import KleinEngine
     from handlers.engines.klein_loader import create_klein_engine
     from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
@@ -60,7 +63,8 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
                 device=variant.device,
                 hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
                 cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
-                compile=compile_,
+                compile=any(region in KLEIN_COMPILE_REGIONS for region in regions),
+                compile_regions=[region for region in regions if region in KLEIN_COMPILE_REGIONS],
                 nunchaku_transformer=settings.nunchaku_transformer_path,
                 max_loras=settings.max_loras,
                 lora_max_rank=settings.lora_max_rank,
@@ -71,13 +75,21 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             raise BootError(weights_error(settings, variant, exc)) from exc
         phases["weights_s"] = round(time.perf_counter() - loading, 2)
         compile_boot.warm_up(
-            engine, variant=variant.label, quantization=variant.quantization, stores=stores, phases=phases
+            engine,
+            variant=variant.label,
+            quantization=variant.quantization,
+            stores=stores,
+            phases=phases,
+            upscaler=upscaler,
         )
         log.info("%s loaded in %.1f s", engine.name, time.perf_counter() - loading)
         return engine
 
     check_model_path(settings)
-    upscaler = upscaler_for(settings, variant)
+    # The upscaler is compiled only when it loads at boot, in klein's compile window (and bundle):
+    # compiled on first use it would stall that job, or run eager after klein's warm-up.
+    compile_upscaler = "upscaler" in regions and settings.preload_models
+    upscaler = upscaler_for(settings, variant, compile_backend="inductor" if compile_upscaler else None)
     lora_files = None
     if settings.max_loras:
         lora_files = LoraFiles(
@@ -87,10 +99,10 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         )
     try:
         if settings.preload_models:
+            fetch_upscaler_weights(upscaler)  # first: the compiled upscaler loads them in klein's warm-up
             engines = Engines(
                 klein=load_klein(), upscaler=upscaler, label=variant.label, lora_files=lora_files, boot=phases
             )
-            fetch_upscaler_weights(upscaler)
         else:
             # Loading waits for the first generate job; a missing backend is still a boot error.
             check_quantization(
@@ -180,8 +192,8 @@ def weights_error(settings: Settings, variant: Variant, exc: Exception) -> str:
     )
 
 
-def upscaler_for(settings: Settings, variant: Variant) -> Upscaler:
-    from handlers.engines.upscaler import create_upscaler
+def upscaler_for(settings: Settings, variant: Variant, *, compile_backend: str | None = None) -> Upscaler:
+    from handlers.engines.upscaler_loader import create_upscaler
 
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
     try:
@@ -192,6 +204,7 @@ def upscaler_for(settings: Settings, variant: Variant) -> Upscaler:
             device=variant.device,
             cache_dir=hf_home / "klein-worker" / "upscalers",
             keep_free_bytes=int(settings.upscaler_keep_free_gb * GIB),
+            compile_backend=compile_backend,
         )
     except FileNotFoundError as exc:
         raise BootError(str(exc)) from exc

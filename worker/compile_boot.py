@@ -20,6 +20,7 @@ from worker.compile_store import BundleStore, FolderStore, fetch, publish
 
 if TYPE_CHECKING:
     from handlers.engines.klein import KleinEngine
+    from handlers.engines.upscaler import Upscaler
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,22 @@ def warm_up(
     stores: list[BundleStore],
     phases: dict[str, Any],
     dynamic: bool = True,
+    upscaler: Upscaler | None = None,
 ) -> None:
-    """Warm ``engine`` up, through the compile cache when it is compiled; fills ``phases``.
-    ``dynamic``: how its regions were compiled (the worker: shape-generic), part of the key."""
-    if not engine.compiled:
+    """Warm ``engine`` (and a compiled ``upscaler``) up, through the compile cache when anything is
+    compiled; fills ``phases``. ``dynamic``: how klein's regions were compiled (the worker:
+    shape-generic), part of the key."""
+    upscaler = upscaler if upscaler is not None and upscaler.compiled else None
+    if not engine.compiled and upscaler is None:
         started = time.perf_counter()
         engine.warm_up()
         phases.update(compile_cache="not compiled", warm_up_s=round(time.perf_counter() - started, 2))
         return
+    import torch
+
     from handlers.engines import compile_cache
 
+    regions = compiled_regions(engine, upscaler)
     key = compile_cache.cache_key(
         device=engine.device,
         variant=variant,
@@ -58,6 +65,7 @@ def warm_up(
         attention_backend=engine.attention_backend,
         dynamic=dynamic,
         lora_slot=lora_slot(engine),
+        regions=regions,
     )
     name = compile_cache.bundle_name(key)
     started = time.perf_counter()
@@ -75,10 +83,18 @@ def warm_up(
     else:
         estimate = f"~{FIRST_COMPILE_ESTIMATE_S[engine.device.type == 'cuda']} s"
     sizes = _sizes_text(engine.compile_sizes)
-    log.info("compiling %s for %s, cache %s, %s", engine.name, sizes, state, estimate)
+    log.info(
+        "compiling %s (%s) for %s, cache %s, %s", engine.name, ", ".join(regions), sizes, state, estimate
+    )
 
     started = time.perf_counter()
-    engine.warm_up()  # the first pass compiles (or loads from the cache) every served size
+    # The first passes compile (or load from the cache). The upscaler goes first: klein's warm-up
+    # ends by setting dynamo's stance to eager_on_recompile, which would turn the upscaler's first
+    # compile into eager runs (every region shares nn.Module's call frame, so it counts as a recompile).
+    if upscaler is not None:
+        phases["upscaler_scales"] = upscaler.warm_up()
+    engine.warm_up()
+    torch.compiler.set_stance("eager_on_recompile")  # also when klein itself is not compiled
     compile_s = time.perf_counter() - started
     counts = compile_cache.compile_counts()
     log.info(
@@ -92,8 +108,18 @@ def warm_up(
         save(stores, name, key, compile_s=compile_s, phases=phases)
 
     started = time.perf_counter()
-    engine.warm_up()  # a second pass: kernel selection and allocator warm, nothing left to compile
+    # A second pass: kernel selection and allocator warm, nothing left to compile.
+    if upscaler is not None:
+        upscaler.warm_up()
+    engine.warm_up()
     phases["warm_up_s"] = round(time.perf_counter() - started, 2)
+
+
+def compiled_regions(engine: KleinEngine, upscaler: Upscaler | None) -> tuple[str, ...]:
+    """The COMPILE_REGIONS really compiled: klein's (none for an engine that is not compiled, e.g.
+    nunchaku's own transformer) and the upscaler's."""
+    regions = tuple(engine.compile_regions) if engine.compiled else ()
+    return regions + (("upscaler",) if upscaler is not None and upscaler.compiled else ())
 
 
 def save(

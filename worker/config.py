@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The official Real-ESRGAN release files, checksum-pinned where they are defined (torch-free module).
 from handlers.engines.weights import REALESRGAN_X2PLUS_URL, REALESRGAN_X4PLUS_URL
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS, parse_regions
 from klein_facts.jobs import (
     DEFAULT_HEIGHT,
     DEFAULT_MAX_BATCH,
@@ -128,6 +129,8 @@ class Settings(BaseSettings):
     compile_cache: str | None = None
     # The sizes the warm-up compiles, WxH[:BATCH] comma-separated; any other shape runs eager.
     compile_sizes: str = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}"
+    # What TORCH_COMPILE compiles (klein_facts/compile_regions.py), comma-separated.
+    compile_regions: str = ",".join(DEFAULT_COMPILE_REGIONS)
     torchinductor_cache_dir: str | None = None
     # A diffusers attention backend for the transformer (e.g. _native_cudnn); unset = diffusers' default.
     attention_backend: str | None = None
@@ -150,6 +153,16 @@ class Settings(BaseSettings):
     def compile_shapes(self) -> tuple[tuple[int, int, int], ...]:
         """COMPILE_SIZES as (batch, width, height) tuples."""
         return parse_sizes(self.compile_sizes)
+
+    @field_validator("compile_regions")
+    @classmethod
+    def _regions(cls, v: str) -> str:
+        parse_regions(v)
+        return v
+
+    def compiled_regions(self) -> tuple[str, ...]:
+        """COMPILE_REGIONS as names, in klein_facts' order (TORCH_COMPILE says whether to compile at all)."""
+        return parse_regions(self.compile_regions)
 
     @field_validator("log_level")
     @classmethod

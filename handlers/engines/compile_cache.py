@@ -30,8 +30,16 @@ logger = logging.getLogger(__name__)
 MAGIC = b"KLEIN-COMPILE-BUNDLE 1\n"
 # The engine modules whose code decides which graphs get compiled (fusion, truncation, what is
 # compiled and how, the tiny architecture). Any edit there makes old bundles miss, never misfit.
-ENGINE_SOURCES = ("klein.py", "speed.py", "quantize.py", "tiny.py", "lora.py", "compile_cache.py")
-LIBRARIES = ("torch", "triton", "diffusers", "transformers", "torchao")
+ENGINE_SOURCES = (
+    "klein.py",
+    "speed.py",
+    "quantize.py",
+    "tiny.py",
+    "lora.py",
+    "upscaler.py",
+    "compile_cache.py",
+)
+LIBRARIES = ("torch", "triton", "diffusers", "transformers", "torchao", "spandrel")
 
 
 class BundleError(ValueError):
@@ -75,6 +83,7 @@ def cache_key(
     sizes: tuple[tuple[int, int, int], ...],
     attention_backend: str | None = None,
     dynamic: bool = True,
+    regions: tuple[str, ...],
     lora_slot: str = "none",
 ) -> dict[str, str]:
     """Everything a compiled graph depends on, as strings (compared field by field on load)."""
@@ -88,6 +97,7 @@ def cache_key(
         "dynamic": str(dynamic).lower(),  # shape-generic graphs (the worker's) or static ones
         # The LoRA hotswap slot is part of every compiled Linear: MAX_LORAS x LORA_MAX_RANK shapes it.
         "lora_slot": lora_slot,
+        "regions": ",".join(regions),  # COMPILE_REGIONS as compiled (klein_facts/compile_regions.py)
         "engine_source": engine_source_hash(),
     }
 

@@ -30,7 +30,6 @@ from handlers.engines.quantize import (
     quantize_pipeline,
 )
 from handlers.engines.speed import (
-    DEFAULT_COMPILE_REGIONS,
     compile_pipeline,
     compile_regions_checked,
     enable_fast_math,
@@ -38,6 +37,7 @@ from handlers.engines.speed import (
     set_attention_backend,
     truncate_text_encoder,
 )
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
 from klein_facts.variants import MODELS, NUNCHAKU_QUANTIZATIONS, TORCHAO_QUANTIZATIONS
 
 logger = logging.getLogger(__name__)

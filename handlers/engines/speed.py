@@ -30,16 +30,13 @@ from typing import Any
 
 import torch
 
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS, KLEIN_COMPILE_REGIONS
+
 logger = logging.getLogger(__name__)
 
 # The unfused projections fuse_projections() copies from. diffusers keeps them, doubling those
 # weights (0.6 GB in 4B, 1.6 GB in 9B); once fused the processors never read them again.
 _UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-
-# The parts of a klein pipeline ``compile_pipeline`` can compile, and those it compiles unless told
-# otherwise. Said once, here: the engine, its loader and the tests read these names.
-KLEIN_COMPILE_REGIONS: tuple[str, ...] = ("transformer", "vae", "text_encoder")
-DEFAULT_COMPILE_REGIONS: tuple[str, ...] = ("transformer", "vae")
 
 
 def truncate_text_encoder(text_encoder: Any, last_layer: int) -> Any:

@@ -3,7 +3,8 @@
 ``spandrel`` reads any ESRGAN-family checkpoint (Real-ESRGAN x2plus's pixel-unshuffle input
 included) without the ``realesrgan``/``basicsr`` packages, which break on current torchvision.
 ``MODEL=tiny`` gets a small random-weight RRDBNet of the same architecture, passed through the
-same ``ModelLoader().load_from_state_dict`` path as a real checkpoint.
+same ``ModelLoader().load_from_state_dict`` path as a real checkpoint (handlers/engines/upscaler_loader.py
+makes the sources).
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from spandrel import ImageModelDescriptor, ModelLoader
-from spandrel.architectures.ESRGAN import ESRGAN
+from spandrel.architectures.__arch_helpers.block import RRDB
 
 from handlers.engines.tiling import run_tiled
-from handlers.engines.weights import is_url, resolve_weights
 from handlers.errors import InvalidInput
 from klein_facts.variants import GIB
 
@@ -42,16 +41,16 @@ UNTILED_BYTES_PER_OUTPUT_PIXEL = 320
 # Context shared by neighbouring tiles, blended with linear ramps so no seam shows.
 DEFAULT_TILE_OVERLAP = 32
 
-# Tiny random network: the Real-ESRGAN layout (RRDB trunk, x2 via pixel-unshuffle + x4 body)
-# at a width that upscales a 256x256 image on a CPU in about a second.
-TINY_NUM_FILTERS = 8
-TINY_NUM_BLOCKS = 1
-TINY_OUTPUT_GAIN = 10.0
-
 # after_job(): keep the models loaded while at least this much VRAM stays free for the next job
 # (a 1024x1024 batch's activations and VAE decode on top of klein at rest). The x4 model is only
 # 33 MB in fp16; what a release really returns is the allocator cache of the tiled upscale.
 DEFAULT_KEEP_FREE_BYTES = 4 << 30
+
+# warm_up(): one image per scale. Not square, or dynamo would tie width and height to one size
+# symbol and a non-square job would miss the graph; and not tiny, because the convolution backend
+# torch picks (hence a guard of the compiled graph) depends on the input's size: a graph traced on
+# a toy input refuses real images. 320x256 is beyond that threshold and under one tile.
+WARMUP_SIZE = (320, 256)
 
 StateDictSource = Callable[[], dict[str, torch.Tensor]]
 FreeMemoryReader = Callable[[], int]
@@ -69,9 +68,12 @@ class Upscaler:
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
         keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES,
         free_memory: FreeMemoryReader | None = None,
+        compile_backend: str | Callable[..., Any] | None = None,
     ) -> None:
         """``free_memory`` reads the VRAM the next job could use; by default the CUDA reading on a
-        GPU and none on the CPU (where there is no VRAM to hand back, so models stay loaded)."""
+        GPU and none on the CPU (where there is no VRAM to hand back, so models stay loaded).
+        ``compile_backend`` (COMPILE_REGIONS naming "upscaler"): every model is compiled as it
+        loads (``compile_blocks``); the boot's ``warm_up`` pays the compile before any job."""
         if tile_size > 0 and not 0 <= 2 * tile_overlap < tile_size:
             raise ValueError(f"tile overlap {tile_overlap} must be under half the tile size {tile_size}")
         self.sources = sources
@@ -82,6 +84,7 @@ class Upscaler:
         if free_memory is None and device.type == "cuda":
             free_memory = functools.partial(cuda_free_bytes, device)
         self.free_memory = free_memory
+        self.compile_backend = compile_backend
         self._models: dict[int, ImageModelDescriptor] = {}
 
     def ensure_loaded(self, scale: int) -> float:
@@ -107,16 +110,33 @@ class Upscaler:
             if descriptor.supports_half:
                 descriptor.half()
             descriptor.model.to(memory_format=torch.channels_last)
+        if self.compile_backend:
+            compile_blocks(descriptor.model, backend=self.compile_backend)
         self._models[scale] = descriptor
         elapsed = time.perf_counter() - started
         logger.info("upscaler x%d loaded (%s) in %.2fs", scale, descriptor.architecture.name, elapsed)
         return elapsed
 
+    @property
+    def compiled(self) -> bool:
+        return self.compile_backend is not None
+
+    def warm_up(self) -> list[int]:
+        """Load every available scale and upscale one image with it: a compiled upscaler compiles
+        (or takes from the compile cache) its graphs here, at boot, not in the first upscale job.
+        Returns the scales warmed."""
+        pixels = np.random.default_rng(0).integers(0, 256, (*WARMUP_SIZE[::-1], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        for scale in sorted(self.sources):
+            self.upscale(image, scale)
+        return sorted(self.sources)
+
     def fetch(self) -> None:
         """Bring every checkpoint file into the cache now (boot), without loading a model."""
         for source in self.sources.values():
-            if isinstance(source, WeightsFile):
-                source.fetch()
+            fetch = getattr(source, "fetch", None)  # a checkpoint file (upscaler_loader.WeightsFile)
+            if fetch is not None:
+                fetch()
 
     def upscale(self, image: Image.Image, scale: int) -> Image.Image:
         """Return ``image`` upscaled to exactly ``scale`` x its size, as RGB."""
@@ -203,94 +223,30 @@ class Upscaler:
         return sorted(self._models)
 
 
+def compile_blocks(network: torch.nn.Module, *, backend: str | Callable[..., Any] = "inductor") -> int:
+    """Compile ``network`` in place, region by region, shape-generic; returns the modules compiled.
+
+    The region is RRDBNet's repeated block (Real-ESRGAN x2plus/x4plus: 23 residual-in-residual
+    dense blocks, ~92% of x4plus's multiply-adds): one graph, compiled once and reused by
+    every block, so the compile costs a fraction of the whole network's. What lies around it (the
+    first conv, the nearest-neighbour upsampling convs) stays eager. A network of another ESRGAN-
+    family layout, without such blocks, is compiled whole. ``dynamic=True``: tiles, whole images
+    and their edges all have different sizes, and each new static shape would be a recompile.
+    """
+    blocks = [module for module in network.modules() if isinstance(module, RRDB)]
+    for module in blocks or [network]:
+        module.compile(fullgraph=True, dynamic=True, backend=backend)
+    logger.info(
+        "upscaler: %d %s compiled lazily (backend %s)",
+        len(blocks) or 1,
+        "blocks" if blocks else "network",
+        backend,
+    )
+    return len(blocks) or 1
+
+
 def cuda_free_bytes(device: torch.device) -> int:
     """VRAM this process could allocate now: the driver's free memory plus the blocks torch's
     caching allocator holds but does not use (klein, in this process, reuses them directly)."""
     free, _total = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def random_realesrgan(scale: int, *, num_filters: int, num_blocks: int, seed: int = 0) -> ESRGAN:
-    """A random-weight network with Real-ESRGAN's layout: x4plus, or x2plus (pixel-unshuffle + x4 body)."""
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale}")
-    shuffle = 2 if scale == 2 else None
-    torch.manual_seed(seed + scale)
-    return ESRGAN(
-        in_nc=3 * (shuffle or 1) ** 2,
-        out_nc=3,
-        num_filters=num_filters,
-        num_blocks=num_blocks,
-        scale=4,
-        shuffle_factor=shuffle,
-    )
-
-
-def tiny_state_dict(scale: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A small random Real-ESRGAN-layout state dict for MODEL=tiny."""
-    network = random_realesrgan(scale, num_filters=TINY_NUM_FILTERS, num_blocks=TINY_NUM_BLOCKS, seed=seed)
-    # Default init gives a near-black output with a third of it clipped at 0; centring the last
-    # conv on mid-grey with a larger gain gives textured images that exercise blending and clamping.
-    last = network.model[-1]
-    with torch.no_grad():
-        last.weight.mul_(TINY_OUTPUT_GAIN)
-        last.bias.fill_(0.5)
-    return network.state_dict()
-
-
-class WeightsFile:
-    """A checkpoint by path or URL, loaded on demand. A URL is downloaded (once, into
-    ``cache_dir``) at ``fetch`` (boot, with PRELOAD_MODELS) or on first use, never for a job
-    that does not upscale. ``setting`` names the configuration that chose it, for error messages."""
-
-    def __init__(self, source: str, *, cache_dir: str | Path, setting: str) -> None:
-        if not is_url(source) and not Path(source).is_file():
-            raise FileNotFoundError(f"{setting}: weights file not found: {source}")
-        self.source = source
-        self.cache_dir = cache_dir
-        self.setting = setting
-
-    def fetch(self) -> Path:
-        return resolve_weights(self.source, cache_dir=self.cache_dir, setting=self.setting)
-
-    def __call__(self) -> dict[str, torch.Tensor]:
-        return ModelLoader().load_state_dict_from_file(self.fetch())
-
-
-def create_upscaler(
-    *,
-    model: str,
-    weights_x2: str | None,
-    weights_x4: str | None,
-    device: str | None = None,
-    tile_size: int = DEFAULT_TILE_SIZE,
-    tile_overlap: int = DEFAULT_TILE_OVERLAP,
-    cache_dir: str | Path | None = None,
-    keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES,
-) -> Upscaler:
-    """Build the upscaler (nothing is loaded yet).
-
-    ``model`` is the worker's MODEL: "tiny" uses random weights; anything else uses the checkpoint
-    paths or URLs ``weights_x2``/``weights_x4`` (a scale without weights is simply unavailable).
-    URLs are cached in ``cache_dir`` (the worker passes ``$HF_HOME/klein-worker/upscalers``).
-    """
-    if cache_dir is None:
-        cache_dir = Path(tempfile.gettempdir()) / "klein-worker-upscalers"
-    sources: dict[int, StateDictSource] = {}
-    if model == "tiny":
-        # Like the tiny klein engine: CPU unless a device is asked for.
-        target = torch.device(device or "cpu")
-        for scale in SCALES:
-            sources[scale] = functools.partial(tiny_state_dict, scale)
-    else:
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for scale, path in ((2, weights_x2), (4, weights_x4)):
-            if path:
-                sources[scale] = WeightsFile(path, cache_dir=cache_dir, setting=f"UPSCALER_WEIGHTS_X{scale}")
-    return Upscaler(
-        sources=sources,
-        device=target,
-        tile_size=tile_size,
-        tile_overlap=tile_overlap,
-        keep_free_bytes=keep_free_bytes,
-    )
