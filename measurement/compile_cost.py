@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from handlers.engines.compile_cache import compile_counts
 from handlers.engines.klein import KleinEngine
 from handlers.engines.speed import compile_text_encoder, compile_transformer, compile_vae_decoder
 from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
@@ -50,9 +51,12 @@ def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict
         # The previous part's warm-up ended with dynamo refusing new compiles (the worker's stance);
         # every region shares nn.Module's call frame, so this one would otherwise run eager.
         torch.compiler.set_stance("default")
+        graphs = compile_counts()["dynamo_graphs"]
         started = time.perf_counter()
         engine.warm_up()
         report[f"compile_warmup_{part}_s"] = time.perf_counter() - started
+        # 0 would mean the region ran eager: its compile was refused or never reached.
+        report[f"compile_graphs_{part}"] = compile_counts()["dynamo_graphs"] - graphs
         logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
         save_partial(report, args.json)
     report["compile_warmup_s"] = sum(report[f"compile_warmup_{part}_s"] for part in klein_regions(args))

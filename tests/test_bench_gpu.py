@@ -59,3 +59,22 @@ def test_the_gpu_benchmark_profiles_one_image_of_the_engine(
     assert "aten::linear" in ops or "aten::addmm" in ops or "aten::mm" in ops  # the models ran in it
     assert "Self CPU time total" in (tmp_path / "bench.profile.txt").read_text()
     assert "Profiled image:" in capsys.readouterr().out
+
+
+def test_the_compiled_stage_compiles_each_region_asked_for(tmp_path: Path) -> None:
+    # --compile-regions with the text encoder, region by region (dynamo's eager backend): each
+    # region's warm-up really compiles its own graphs. After the first region's warm-up dynamo
+    # refuses new compiles (the worker's stance); without resetting it the next regions ran eager.
+    bench = _bench_gpu()
+    out = tmp_path / "bench.json"
+    regions = "transformer,vae,text_encoder"
+    argv = ["--smoke", "--compile-backend", "eager", "--skip-plain", "--skip-upscale"]
+    assert bench.main([*argv, "--compile-regions", regions, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [stage["stage"] for stage in report["stages"]] == ["engine none", "compiled none"]
+    for region in regions.split(","):
+        assert report[f"compile_warmup_{region}_s"] > 0, region
+        assert report[f"compile_graphs_{region}"] > 0, region
+    assert report["compile_warmup_s"] == pytest.approx(
+        sum(report[f"compile_warmup_{region}_s"] for region in regions.split(","))
+    )
