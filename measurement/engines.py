@@ -11,14 +11,16 @@ import torch
 
 from handlers.engines.klein import KleinEngine
 from handlers.engines.upscaler import Upscaler
+from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
 
 
 def build_vram_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler, dict[str, Any]]:
     """Random full-size weights, or the worker's own loading path (MODEL_PATH, HF_TOKEN, ...).
 
     With ``--compile`` (CUDA only) the engine is warmed through the worker's compile cache
-    (COMPILE_CACHE, COMPILE_SIZES from the environment), so this benchmark also seeds the bundle
-    the fleet's workers load at boot: random weights compile the very graphs real ones do.
+    (COMPILE_CACHE, COMPILE_SIZES, COMPILE_REGIONS from the environment), so this benchmark also
+    seeds the bundle the fleet's workers load at boot: random weights compile the very graphs real
+    ones do.
     Returns the boot phases too (compile time, cache state)."""
     from worker.boot import build_engines as worker_build_engines
     from worker.boot import compile_stores
@@ -37,21 +39,32 @@ def build_vram_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler,
         from measurement.random_weights import create_random_klein_engine, create_random_upscaler
         from worker import compile_boot
 
+        regions = settings.compiled_regions() if settings.torch_compile else ()
         engine = create_random_klein_engine(
             model=args.model,
             quantization=args.quantization,
             device=args.device,
-            compile=bool(settings.torch_compile),
+            compile=any(region in KLEIN_COMPILE_REGIONS for region in regions),
             compile_sizes=settings.compile_shapes(),
+            compile_regions=[region for region in regions if region in KLEIN_COMPILE_REGIONS],
+        )
+        # As the worker's boot: a compiled upscaler warms up in the same window and bundle.
+        upscaler = create_random_upscaler(
+            device=args.device, compile_backend="inductor" if "upscaler" in regions else None
         )
         phases: dict[str, Any] = {}
-        if engine.compiled:
+        if regions:
             hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
             stores = compile_stores(settings, hf_home)
             compile_boot.warm_up(
-                engine, variant=variant.label, quantization=args.quantization, stores=stores, phases=phases
+                engine,
+                variant=variant.label,
+                quantization=args.quantization,
+                stores=stores,
+                phases=phases,
+                upscaler=upscaler,
             )
-        return engine, create_random_upscaler(device=args.device), phases
+        return engine, upscaler, phases
     engines = worker_build_engines(settings, variant)
     assert engines.klein is not None and engines.upscaler is not None
     return engines.klein, engines.upscaler, engines.boot

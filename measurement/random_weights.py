@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,6 +34,7 @@ from handlers.engines.quantize import check_quantization, device_capability
 from handlers.engines.tiny import build_tiny_tokenizer
 from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler
 from handlers.engines.upscaler_loader import random_realesrgan
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def create_random_klein_engine(
     dtype: torch.dtype = torch.bfloat16,
     compile: bool = False,
     compile_sizes: tuple[tuple[int, int, int], ...] = DEFAULT_COMPILE_SIZES,
+    compile_regions: Collection[str] = DEFAULT_COMPILE_REGIONS,
 ) -> KleinEngine:
     """A ``KleinEngine`` over ``build_random_pipeline``, made by the worker's own ``build_engine``
     (text encoder truncation, fused QKV, quantization, compilation), so it measures what serves.
@@ -173,6 +175,7 @@ def create_random_klein_engine(
         quantization=quantization,
         compile=compile,
         compile_sizes=compile_sizes,
+        compile_regions=compile_regions,
         capability=capability,
     )
 
@@ -185,12 +188,13 @@ def realesrgan_state_dict(scale: int, *, seed: int = 0) -> dict[str, torch.Tenso
     return network.state_dict()
 
 
-def create_random_upscaler(*, device: str | None = None) -> Upscaler:
-    """The worker's ``Upscaler`` over full-size random Real-ESRGAN x2/x4 (16.7M parameters each)."""
+def create_random_upscaler(*, device: str | None = None, compile_backend: str | None = None) -> Upscaler:
+    """The worker's ``Upscaler`` over full-size random Real-ESRGAN x2/x4 (16.7M parameters each);
+    ``compile_backend`` as COMPILE_REGIONS=upscaler sets it."""
     sources: dict[int, StateDictSource] = {
         scale: functools.partial(realesrgan_state_dict, scale) for scale in SCALES
     }
-    return Upscaler(sources=sources, device=torch.device(device or "cuda"))
+    return Upscaler(sources=sources, device=torch.device(device or "cuda"), compile_backend=compile_backend)
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -64,11 +64,13 @@ def test_an_invalid_setting_is_one_line_naming_it(stack, name, value, expected):
     assert expected in _cannot_start(stack, **{name: value})
 
 
+# The compiled upscaler loads its checkpoints in the boot's warm-up: the same one line.
+@pytest.mark.parametrize("compiled", [{}, {"TORCH_COMPILE": "true", "COMPILE_REGIONS": "upscaler"}])
 def test_upscaler_weights_that_answer_404_at_boot_are_one_line(
-    stack, tmp_path, klein_folder, weight_urls, weights_host
+    stack, tmp_path, klein_folder, weight_urls, weights_host, compiled
 ):
     missing = weights_host.url + "/status/404/RealESRGAN_x2plus.pth"
-    env = production_env(tmp_path, klein_folder, weight_urls, UPSCALER_WEIGHTS_X2=missing)
+    env = production_env(tmp_path, klein_folder, weight_urls, UPSCALER_WEIGHTS_X2=missing, **compiled)
     message = _cannot_start(stack, **env)
     assert f"UPSCALER_WEIGHTS_X2: {missing} answered HTTP 404; fix the setting" in message
 

@@ -74,6 +74,8 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         except WEIGHT_LOAD_ERRORS as exc:
             raise BootError(weights_error(settings, variant, exc)) from exc
         phases["weights_s"] = round(time.perf_counter() - loading, 2)
+        if upscaler.compiled:  # its warm-up, next, loads the checkpoints: a bad URL is a boot error here
+            fetch_upscaler_weights(upscaler)
         compile_boot.warm_up(
             engine,
             variant=variant.label,
@@ -99,10 +101,10 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         )
     try:
         if settings.preload_models:
-            fetch_upscaler_weights(upscaler)  # first: the compiled upscaler loads them in klein's warm-up
             engines = Engines(
                 klein=load_klein(), upscaler=upscaler, label=variant.label, lora_files=lora_files, boot=phases
             )
+            fetch_upscaler_weights(upscaler)
         else:
             # Loading waits for the first generate job; a missing backend is still a boot error.
             check_quantization(

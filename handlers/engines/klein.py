@@ -63,7 +63,7 @@ class KleinEngine:
         self.pipeline = pipeline
         self.attention_backend = attention_backend
         self.compiled = compiled
-        # What compile_pipeline compiled (speed.KLEIN_COMPILE_REGIONS), sorted so the compile
+        # What compile_pipeline compiled (klein_facts.compile_regions), sorted so the compile
         # cache key can name it; empty for an engine that runs eager.
         self.compile_regions = tuple(sorted(compile_regions)) if compiled else ()
         self.loras = loras  # None: this worker takes no LoRA adapters (MAX_LORAS=0)

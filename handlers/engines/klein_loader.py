@@ -183,7 +183,7 @@ def build_engine(
     4. move to ``device``,
     5. LoRA adapter handling for ``max_loras`` per job (compiled: hotswap slots, which must exist
        before compiling; see ``handlers.engines.lora``),
-    6. compile ``compile_regions`` (with ``compile``; ``speed.KLEIN_COMPILE_REGIONS``, by default the
+    6. compile ``compile_regions`` (with ``compile``; ``klein_facts.compile_regions``, by default the
        transformer blocks and the VAE decoder; on a CPU inductor builds C++, which serves the tests
        of the compiled path and the compile cache). No region at all means an eager engine.
     """
