@@ -21,6 +21,11 @@ COMPILE_REGIONS = (*KLEIN_COMPILE_REGIONS, "upscaler")
 DEFAULT_COMPILE_REGIONS = ("transformer", "vae")
 
 
+def klein_regions(regions: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The regions the klein engine compiles, out of COMPILE_REGIONS' (the upscaler's is its own)."""
+    return tuple(region for region in regions if region in KLEIN_COMPILE_REGIONS)
+
+
 def parse_regions(text: str) -> tuple[str, ...]:
     """``"transformer, vae"`` -> ("transformer", "vae"); "none" or "" -> (); an unknown name raises
     a ValueError naming COMPILE_REGIONS and the known regions."""

@@ -14,30 +14,19 @@ import torch
 
 from handlers.engines.compile_cache import compile_counts
 from handlers.engines.klein import KleinEngine
-from handlers.engines.speed import compile_text_encoder, compile_transformer, compile_vae_decoder
-from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
+from handlers.engines.speed import compile_pipeline
+from klein_facts.compile_regions import klein_regions
 from measurement.speed_report import save_partial
 
 logger = logging.getLogger("bench_gpu")
 
 
-def klein_regions(args: argparse.Namespace) -> tuple[str, ...]:
-    """The klein regions of ``--compile-regions`` (the upscaler's rows are measure_upscale's)."""
-    return tuple(region for region in args.compile_regions if region in KLEIN_COMPILE_REGIONS)
-
-
 def compile_regions(engine: KleinEngine, args: argparse.Namespace, regions: tuple[str, ...]) -> None:
     """Wrap ``regions`` for compiling as the worker does (``--compile-static``: static shapes for
-    the transformer and the VAE; the text encoder keeps the worker's automatic dynamic shapes)."""
-    backend, dynamic = args.compile_backend, not args.compile_static
-    pipeline: Any = engine.pipeline  # diffusers registers its modules at runtime: mypy cannot see them
-    for region in regions:
-        if region == "transformer":
-            compile_transformer(pipeline.transformer, backend=backend, dynamic=dynamic)
-        elif region == "vae":
-            compile_vae_decoder(pipeline.vae, backend=backend, dynamic=dynamic)
-        elif region == "text_encoder":
-            compile_text_encoder(pipeline.text_encoder, backend=backend)
+    the transformer and the VAE), and count them among the engine's compiled regions."""
+    compile_pipeline(
+        engine.pipeline, regions=regions, backend=args.compile_backend, dynamic=not args.compile_static
+    )
     engine.compile_regions = tuple(sorted(set(engine.compile_regions) | set(regions)))
 
 
@@ -46,7 +35,8 @@ def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict
     first H100 run transformer + VAE decoder took 170 s for 4B BF16, and FP8 runs were cut off
     while compiling): each region's compile is the warm-up that follows its wrapping."""
     engine.compile_regions = ()
-    for part in klein_regions(args):
+    parts = klein_regions(args.compile_regions)
+    for part in parts:
         compile_regions(engine, args, (part,))
         # The previous part's warm-up ended with dynamo refusing new compiles (the worker's stance);
         # every region shares nn.Module's call frame, so this one would otherwise run eager.
@@ -59,7 +49,7 @@ def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict
         report[f"compile_graphs_{part}"] = compile_counts()["dynamo_graphs"] - graphs
         logger.info("warm-up after compiling the %s: %.1f s", part, report[f"compile_warmup_{part}_s"])
         save_partial(report, args.json)
-    report["compile_warmup_s"] = sum(report[f"compile_warmup_{part}_s"] for part in klein_regions(args))
+    report["compile_warmup_s"] = sum(report[f"compile_warmup_{part}_s"] for part in parts)
 
 
 def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -72,7 +62,7 @@ def compile_through_cache(engine: KleinEngine, args: argparse.Namespace, report:
 
     dynamic = not args.compile_static
     engine.compile_regions = ()
-    compile_regions(engine, args, klein_regions(args))
+    compile_regions(engine, args, klein_regions(args.compile_regions))
     variant = Variant(args.model, args.quantization, engine.device.type, "bench")
 
     def s3_client() -> Any:

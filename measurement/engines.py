@@ -11,7 +11,7 @@ import torch
 
 from handlers.engines.klein import KleinEngine
 from handlers.engines.upscaler import Upscaler
-from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
+from klein_facts.compile_regions import klein_regions
 
 
 def build_vram_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler, dict[str, Any]]:
@@ -39,14 +39,14 @@ def build_vram_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler,
         from measurement.random_weights import create_random_klein_engine, create_random_upscaler
         from worker import compile_boot
 
-        regions = settings.compiled_regions() if settings.torch_compile else ()
+        regions = settings.regions_to_compile("cuda" if on_cuda else "cpu")
         engine = create_random_klein_engine(
             model=args.model,
             quantization=args.quantization,
             device=args.device,
-            compile=any(region in KLEIN_COMPILE_REGIONS for region in regions),
+            compile=bool(klein_regions(regions)),
             compile_sizes=settings.compile_shapes(),
-            compile_regions=[region for region in regions if region in KLEIN_COMPILE_REGIONS],
+            compile_regions=klein_regions(regions),
         )
         # As the worker's boot: a compiled upscaler warms up in the same window and bundle.
         upscaler = create_random_upscaler(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from handlers.engine_set import Engines
-from klein_facts.compile_regions import KLEIN_COMPILE_REGIONS
+from klein_facts.compile_regions import klein_regions
 from klein_facts.variants import GIB
 from worker.boot_error import BootError
 from worker.compile_store import BundleStore, open_stores
@@ -40,8 +40,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     and compiles with klein."""
     started = time.perf_counter()
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
-    compile_ = settings.torch_compile if settings.torch_compile is not None else variant.device == "cuda"
-    regions = settings.compiled_regions() if compile_ else ()
+    regions = settings.regions_to_compile(variant.device)
     stores = compile_stores(settings, hf_home) if regions else []  # before torch: see compile_stores
     from handlers.engines.klein import KleinEngine
     from handlers.engines.klein_loader import create_klein_engine
@@ -63,8 +62,8 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
                 device=variant.device,
                 hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
                 cache_dir=str(hf_home / "hub"),  # where huggingface_hub keeps snapshots under HF_HOME
-                compile=any(region in KLEIN_COMPILE_REGIONS for region in regions),
-                compile_regions=[region for region in regions if region in KLEIN_COMPILE_REGIONS],
+                compile=bool(klein_regions(regions)),
+                compile_regions=klein_regions(regions),
                 nunchaku_transformer=settings.nunchaku_transformer_path,
                 max_loras=settings.max_loras,
                 lora_max_rank=settings.lora_max_rank,

@@ -117,9 +117,9 @@ def warm_up(
 
 def compiled_regions(engine: KleinEngine, upscaler: Upscaler | None) -> tuple[str, ...]:
     """The COMPILE_REGIONS really compiled: klein's (none for an engine that is not compiled, e.g.
-    nunchaku's own transformer) and the upscaler's."""
+    nunchaku's own transformer) and, given a compiled ``upscaler``, the upscaler's."""
     regions = tuple(engine.compile_regions) if engine.compiled else ()
-    return regions + (("upscaler",) if upscaler is not None and upscaler.compiled else ())
+    return regions + (("upscaler",) if upscaler is not None else ())
 
 
 def save(

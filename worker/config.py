@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         """COMPILE_REGIONS as names, in klein_facts' order (TORCH_COMPILE says whether to compile at all)."""
         return parse_regions(self.compile_regions)
 
+    def regions_to_compile(self, device: str) -> tuple[str, ...]:
+        """What a worker on ``device`` compiles: COMPILE_REGIONS when TORCH_COMPILE is on (by
+        default on CUDA only), else nothing."""
+        compile_ = self.torch_compile if self.torch_compile is not None else device == "cuda"
+        return self.compiled_regions() if compile_ else ()
+
     @field_validator("log_level")
     @classmethod
     def _upper(cls, v: str) -> str:

@@ -182,18 +182,24 @@ def compile_regions_checked(regions: Collection[str]) -> tuple[str, ...]:
 
 
 def compile_pipeline(
-    pipeline: Any, *, regions: Collection[str] = DEFAULT_COMPILE_REGIONS, backend: str = "inductor"
+    pipeline: Any,
+    *,
+    regions: Collection[str] = DEFAULT_COMPILE_REGIONS,
+    backend: str = "inductor",
+    dynamic: bool = True,
 ) -> tuple[str, ...]:
     """Regional compilation of the named ``regions`` (see ``KLEIN_COMPILE_REGIONS``); returns them sorted.
 
     Unknown names raise ValueError before anything is compiled; an empty collection compiles
     nothing. Compilation happens on the first call; the engine's warm-up pays it at boot.
+    ``dynamic``: shape-generic transformer and VAE graphs (the worker), or static ones (measured
+    against them); the text encoder keeps its own automatic dynamic shapes either way.
     """
     chosen = compile_regions_checked(regions)
     if "transformer" in chosen:
-        compile_transformer(pipeline.transformer, backend=backend)
+        compile_transformer(pipeline.transformer, backend=backend, dynamic=dynamic)
     if "vae" in chosen:
-        compile_vae_decoder(pipeline.vae, backend=backend)
+        compile_vae_decoder(pipeline.vae, backend=backend, dynamic=dynamic)
     if "text_encoder" in chosen:
         compile_text_encoder(pipeline.text_encoder, backend=backend)
     return chosen
