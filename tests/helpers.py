@@ -68,6 +68,23 @@ def spawn_worker(stack: LocalStack, **env: Any) -> subprocess.Popen[str]:
     )
 
 
+def serve_one_job(
+    stack: LocalStack, job: dict[str, Any], **env: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Queue ``job``, run one worker process (``spawn_worker`` with ``env``) until its result is on
+    the result queue, stop it; return its ``ready`` line's boot phases and the result."""
+    send(stack, job)
+    proc = spawn_worker(stack, **env)
+    try:
+        (result,) = results(stack, expected=1, wait=20) or [None]
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=120)
+    ready = [json.loads(line) for line in stderr.splitlines() if '"event": "ready"' in line]
+    assert ready and result is not None, stderr[-4000:]
+    return ready[0]["boot"], result
+
+
 def send(stack: LocalStack, job: dict[str, Any] | str) -> str:
     body = job if isinstance(job, str) else json.dumps(job)
     return stack.client("sqs").send_message(QueueUrl=stack.queue_url, MessageBody=body)["MessageId"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import results, s3_image, send, spawn_worker
+from tests.helpers import s3_image, serve_one_job
 from worker.compile_store import FolderStore, S3Store, fetch, open_stores
 from worker.local import LocalStack
 
@@ -37,17 +37,9 @@ def _job(stack: LocalStack, job_id: str, width: int, height: int) -> dict[str, A
 
 
 def _boot_once(stack: LocalStack, job_id: str, cache: str, width: int = 256) -> tuple[dict[str, Any], dict]:
-    """One worker process: it boots, serves one job, is stopped. Returns its ready entry and result."""
-    send(stack, _job(stack, job_id, width, 256))
-    proc = spawn_worker(stack, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_SIZES=COMPILED)
-    try:
-        (result,) = results(stack, expected=1, wait=20) or [None]
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=120)
-    ready = [json.loads(line) for line in stderr.splitlines() if '"event": "ready"' in line]
-    assert ready and result is not None, stderr[-4000:]
-    return ready[0]["boot"], result
+    """One worker process: it boots, serves one job, is stopped. Returns its boot phases and result."""
+    job = _job(stack, job_id, width, 256)
+    return serve_one_job(stack, job, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_SIZES=COMPILED)
 
 
 @pytest.mark.slow

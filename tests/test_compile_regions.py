@@ -10,7 +10,6 @@ compile cache.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
+from handlers.engine_set import Engines
 from handlers.engines.upscaler import compile_blocks
 from handlers.engines.upscaler_loader import create_upscaler
-from tests.helpers import results, s3_image, send, spawn_worker
+from tests.helpers import s3_image, serve_one_job
 from tests.scripted_http import png_bytes
 from worker.local import LocalStack
 
@@ -113,7 +113,7 @@ def test_compiled_with_inductor_the_image_matches_eager() -> None:
         assert np.abs(a - b).max() <= 2  # fused float math rounds differently, by a level at most
 
 
-def _boot_once(stack: LocalStack, job_id: str, cache: str, **env: str) -> tuple[dict[str, Any], dict]:
+def _boot_once(stack: LocalStack, job_id: str, cache: str) -> tuple[dict[str, Any], dict]:
     """One worker process compiling only the upscaler serves one x4 upscale job, then is stopped."""
     stack.client("s3").put_object(Bucket=stack.bucket, Key=f"{job_id}/in.png", Body=png_bytes(120, 88))
     job = {
@@ -125,16 +125,7 @@ def _boot_once(stack: LocalStack, job_id: str, cache: str, **env: str) -> tuple[
             "scale": 4,
         },
     }
-    send(stack, job)
-    proc = spawn_worker(stack, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_REGIONS="upscaler", **env)
-    try:
-        (result,) = results(stack, expected=1, wait=20) or [None]
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=120)
-    ready = [json.loads(line) for line in stderr.splitlines() if '"event": "ready"' in line]
-    assert ready and result is not None, stderr[-4000:]
-    return ready[0]["boot"], result
+    return serve_one_job(stack, job, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_REGIONS="upscaler")
 
 
 @pytest.mark.slow
@@ -158,6 +149,16 @@ def test_the_upscaler_compiles_at_boot_once_and_the_next_worker_loads_it_from_s3
     assert s3_image(stack, "second/out.png")[0].size == (480, 352)
 
 
+def _boot_in_process(tmp_path: Path, **settings: Any) -> Engines:
+    """``build_engines`` as the worker's boot runs it, on the tiny model on the CPU with TORCH_COMPILE."""
+    from worker.boot import build_engines
+    from worker.config import Settings
+    from worker.variant import choose_variant
+
+    worker = Settings(model="tiny", device="cpu", torch_compile=True, hf_home=str(tmp_path), **settings)
+    return build_engines(worker, choose_variant(worker, gpus=[]))
+
+
 def test_the_boot_compiles_the_named_klein_regions_into_a_bundle_keyed_by_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -165,22 +166,15 @@ def test_the_boot_compiles_the_named_klein_regions_into_a_bundle_keyed_by_them(
     # encoder's layers are compiled (the transformer and the VAE stay eager), and the bundle saved
     # after the miss carries the regions in its key.
     from handlers.engines.compile_cache import read_header
-    from worker.boot import build_engines
-    from worker.config import Settings
-    from worker.variant import choose_variant
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # kept out of os.environ
     torch._dynamo.reset()
-    settings = Settings(
-        model="tiny",
-        device="cpu",
-        torch_compile=True,
+    engines = _boot_in_process(
+        tmp_path,
         compile_regions="text_encoder",
         compile_cache=str(tmp_path / "cache"),
         compile_sizes="256x256",
-        hf_home=str(tmp_path),
     )
-    engines = build_engines(settings, choose_variant(settings, gpus=[]))
     klein = engines.klein
     assert klein is not None and klein.compile_regions == ("text_encoder",)
     block = klein.pipeline.transformer.transformer_blocks[0]
@@ -193,19 +187,7 @@ def test_the_boot_compiles_the_named_klein_regions_into_a_bundle_keyed_by_them(
 
 
 def test_compile_regions_none_compiles_nothing_and_opens_no_cache(tmp_path: Path) -> None:
-    from worker.boot import build_engines
-    from worker.config import Settings
-    from worker.variant import choose_variant
-
-    settings = Settings(
-        model="tiny",
-        device="cpu",
-        torch_compile=True,
-        compile_regions="none",
-        compile_cache=str(tmp_path / "cache"),
-        hf_home=str(tmp_path),
-    )
-    engines = build_engines(settings, choose_variant(settings, gpus=[]))
+    engines = _boot_in_process(tmp_path, compile_regions="none", compile_cache=str(tmp_path / "cache"))
     assert engines.klein is not None and not engines.klein.compiled
     assert engines.boot["compile_cache"] == "not compiled"
     assert not (tmp_path / "cache").exists()
@@ -213,19 +195,7 @@ def test_compile_regions_none_compiles_nothing_and_opens_no_cache(tmp_path: Path
 
 def test_without_preload_the_upscaler_is_not_compiled(tmp_path: Path) -> None:
     # Compiled on first use it would stall that job (or, after klein's warm-up, run eager anyway).
-    from worker.boot import build_engines
-    from worker.config import Settings
-    from worker.variant import choose_variant
-
-    settings = Settings(
-        model="tiny",
-        device="cpu",
-        torch_compile=True,
-        compile_regions="upscaler",
-        preload_models=False,
-        hf_home=str(tmp_path),
-    )
-    engines = build_engines(settings, choose_variant(settings, gpus=[]))
+    engines = _boot_in_process(tmp_path, compile_regions="upscaler", preload_models=False)
     assert engines.upscaler is not None and not engines.upscaler.compiled
     assert engines.upscaler.loaded_scales == []
 
