@@ -34,6 +34,7 @@ def _isolated_logging() -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
     yield
+    logging.captureWarnings(False)  # configure_logging turns it on; the next test's turns it on anew
     root.handlers[:] = handlers
     root.setLevel(level)
     for name in logging.root.manager.loggerDict:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,16 @@ def send(stack: LocalStack, job: dict[str, Any] | str) -> str:
     return stack.client("sqs").send_message(QueueUrl=stack.queue_url, MessageBody=body)["MessageId"]
 
 
-def results(stack: LocalStack, expected: int | None = None, wait: int = 1) -> list[dict[str, Any]]:
+def results(
+    stack: LocalStack, expected: int | None = None, wait: int = 1, timeout_s: float | None = None
+) -> list[dict[str, Any]]:
+    """Results from the result queue: ``expected`` of them, or (None) all until a poll comes back
+    empty. ``timeout_s`` bounds the whole wait (default 20 polls of ``wait`` seconds): a worker
+    that boots slowly on a loaded machine gets that long, not a number of empty polls."""
     sqs = stack.client("sqs")
     found: list[dict[str, Any]] = []
-    for _ in range(20):
+    deadline = time.monotonic() + (20 * wait if timeout_s is None else timeout_s)
+    while True:
         reply = sqs.receive_message(
             QueueUrl=stack.result_queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait
         )
@@ -102,8 +109,9 @@ def results(stack: LocalStack, expected: int | None = None, wait: int = 1) -> li
             found.append(json.loads(message["Body"]))
             sqs.delete_message(QueueUrl=stack.result_queue_url, ReceiptHandle=message["ReceiptHandle"])
         if (expected is not None and len(found) >= expected) or (expected is None and not messages):
-            break
-    return found
+            return found
+        if time.monotonic() >= deadline:
+            return found
 
 
 def queue_counts(stack: LocalStack, queue_url: str | None = None) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from handlers.engines.klein import to_pil
 from handlers.engines.klein_loader import create_klein_engine, prompt_settings
-from handlers.engines.speed import compile_pipeline, fuse_qkv, truncate_text_encoder
+from handlers.engines.speed import compile_pipeline, fuse_qkv
+from handlers.engines.text_encoder import truncate_text_encoder
 from handlers.engines.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

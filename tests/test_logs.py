@@ -35,6 +35,18 @@ def test_job_event_is_one_json_line_with_its_fields(stream):
     assert {k: entry[k] for k in fields} == fields
 
 
+def test_a_library_warning_is_a_json_line_too(stream):
+    import warnings
+
+    # huggingface_hub and torch speak through warnings.warn; a bare line would break the log's format.
+    warnings.warn("The `local_dir_use_symlinks` argument is deprecated", UserWarning, stacklevel=1)
+
+    (line,) = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "warning" and entry["logger"] == "py.warnings"
+    assert "local_dir_use_symlinks" in entry["msg"]
+
+
 def test_presigned_signatures_and_tokens_never_reach_the_log(stream):
     url = "https://bucket.s3.amazonaws.com/out.png?X-Amz-Credential=AKIA123&X-Amz-Signature=deadbeef"
     log = logging.getLogger("urllib3.connectionpool")

@@ -65,7 +65,7 @@ def test_real_model_folder_generates_and_upscales_with_url_weights(stack, tmp_pa
         )
     proc = spawn_worker(stack, **production_env(tmp_path, klein_folder, urls))
     try:
-        found = {r["id"]: r for r in results(stack, expected=3, wait=5)}
+        found = {r["id"]: r for r in results(stack, expected=3, wait=5, timeout_s=BOOT_TIMEOUT_S)}
     finally:
         stderr = _stop(proc)
         host.close()
@@ -115,7 +115,7 @@ def test_without_preload_nothing_is_fetched_until_an_upscale_job(stack, tmp_path
         env = production_env(tmp_path, klein_folder, urls, PRELOAD_MODELS="false")
         proc = spawn_worker(stack, **env)
         try:
-            (first,) = results(stack, expected=1, wait=5)
+            (first,) = results(stack, expected=1, wait=5, timeout_s=BOOT_TIMEOUT_S)
             fetched_before_upscale = len(host.requests)
             send(
                 stack,
@@ -129,7 +129,7 @@ def test_without_preload_nothing_is_fetched_until_an_upscale_job(stack, tmp_path
                     },
                 },
             )
-            (second,) = results(stack, expected=1, wait=5)
+            (second,) = results(stack, expected=1, wait=5, timeout_s=BOOT_TIMEOUT_S)
         finally:
             _stop(proc)
     finally:
@@ -164,7 +164,7 @@ def test_upscale_weights_that_answer_404_fail_the_job_once_naming_the_setting(
     )
     proc = spawn_worker(stack, **env)
     try:
-        (result,) = results(stack, expected=1, wait=5)
+        (result,) = results(stack, expected=1, wait=5, timeout_s=BOOT_TIMEOUT_S)
     finally:
         _stop(proc)
 

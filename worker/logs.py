@@ -68,6 +68,9 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", stream: object 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # A library's warnings.warn would otherwise print a bare line among the JSON ones (huggingface_hub
+    # deprecations, torch's user warnings): routed through the handler, it is one more log line.
+    logging.captureWarnings(True)
     # Library chatter (HTTP connection pools, boto credential lookups) is noise at INFO.
     for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

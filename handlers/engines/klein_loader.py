@@ -1,12 +1,14 @@
 """Loading FLUX.2-klein and making it the engine: the pipeline from the hub, a local folder or the
-tiny random model, then the steps that speed it up (text-encoder truncation, QKV fusion,
-quantization, LoRA slots, compilation), in the order ``build_engine`` lists.
+tiny random model (its text encoder read only as deep as the prompt embeddings go), then the steps
+that speed it up (text-encoder truncation, QKV fusion, quantization, LoRA slots, compilation), in
+the order ``build_engine`` lists.
 
 Runs once at boot; ``handlers.engines.klein.KleinEngine`` is what it returns and what jobs call.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -14,13 +16,9 @@ from typing import Any
 
 import torch
 from diffusers import Flux2KleinPipeline
+from transformers.utils import cached_file
 
-from handlers.engines.klein import (
-    DEFAULT_COMPILE_SIZES,
-    REAL_MAX_SEQUENCE_LENGTH,
-    REAL_TEXT_ENCODER_OUT_LAYERS,
-    KleinEngine,
-)
+from handlers.engines.klein import DEFAULT_COMPILE_SIZES, REAL_MAX_SEQUENCE_LENGTH, KleinEngine
 from handlers.engines.lora import create_lora_adapters
 from handlers.engines.quantize import (
     Capability,
@@ -35,8 +33,8 @@ from handlers.engines.speed import (
     enable_fast_math,
     fuse_qkv,
     set_attention_backend,
-    truncate_text_encoder,
 )
+from handlers.engines.text_encoder import load_text_encoder, stacked_layers, truncate_text_encoder
 from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
 from klein_facts.variants import MODELS, NUNCHAKU_QUANTIZATIONS, TORCHAO_QUANTIZATIONS
 
@@ -58,35 +56,38 @@ def load_pipeline(
 ) -> Flux2KleinPipeline:
     """Load a klein pipeline from a hub id or a local diffusers folder (``save_pretrained`` layout).
 
-    ``components`` replace the named parts instead of loading them (a nunchaku transformer).
+    ``components`` replace the named parts instead of loading them (a nunchaku transformer). The
+    text encoder is read cut to its last used layer (``load_text_encoder``), unless given.
     """
     local = Path(source).is_dir()
+    # A local folder must never trigger a hub lookup (offline boxes, gated repos).
+    hub: dict[str, Any] = {"token": token, "cache_dir": cache_dir, "local_files_only": local}
     logger.info("loading FLUX.2-klein pipeline from %s %s", "folder" if local else "hub", source)
-    return Flux2KleinPipeline.from_pretrained(
-        source,
-        dtype=torch_dtype,
-        token=token,
-        cache_dir=cache_dir,
-        # A local folder must never trigger a hub lookup (offline boxes, gated repos).
-        local_files_only=local,
-        **components,
-    )
+    if "text_encoder" not in components:
+        # transformers' cached_file, not diffusers' load_config: the latter passes huggingface_hub
+        # a deprecated argument, which prints a warning outside the log on every hub boot.
+        transformer_config = json.loads(
+            Path(cached_file(source, "config.json", subfolder="transformer", **hub)).read_text()
+        )
+        components["text_encoder"] = load_text_encoder(
+            source,
+            joint_attention_dim=transformer_config["joint_attention_dim"],
+            torch_dtype=torch_dtype,
+            **hub,
+        )
+    # diffusers leaves a given component's folder out of its download and its load.
+    return Flux2KleinPipeline.from_pretrained(source, dtype=torch_dtype, **hub, **components)
 
 
 def prompt_settings(pipeline: Flux2KleinPipeline) -> tuple[tuple[int, ...], int]:
-    """Text-encoder layers to stack and the prompt length, from the loaded model's own configs.
-
-    The official checkpoints stack layers (9, 18, 27) of a 36-layer Qwen3. A smaller text encoder
-    (the tiny model saved to a folder) cannot have those, so it stacks its last N layers, N being
-    what the transformer's ``joint_attention_dim`` expects.
-    """
+    """Text-encoder layers to stack (``stacked_layers``) and the prompt length, from the loaded
+    model's own configs. A text encoder read cut gives the same layers as the whole one."""
     text_config = pipeline.text_encoder.config
-    num_stacked = pipeline.transformer.config.joint_attention_dim // text_config.hidden_size
-    num_layers = text_config.num_hidden_layers
-    if num_stacked == len(REAL_TEXT_ENCODER_OUT_LAYERS) and num_layers >= max(REAL_TEXT_ENCODER_OUT_LAYERS):
-        layers = REAL_TEXT_ENCODER_OUT_LAYERS
-    else:
-        layers = tuple(range(num_layers - num_stacked + 1, num_layers + 1))
+    layers = stacked_layers(
+        num_layers=text_config.num_hidden_layers,
+        hidden_size=text_config.hidden_size,
+        joint_attention_dim=pipeline.transformer.config.joint_attention_dim,
+    )
     max_length = min(REAL_MAX_SEQUENCE_LENGTH, int(pipeline.tokenizer.model_max_length))
     return layers, max_length
 

@@ -1,10 +1,8 @@
-"""Speed steps applied to a loaded klein pipeline: text-encoder truncation, fused QKV, compilation.
+"""Speed steps applied to a loaded klein pipeline: fused QKV, attention backend, compilation.
+(The text encoder's cut to the layers it uses is ``handlers.engines.text_encoder``.)
 
 Each step keeps the pipeline's interface, so ``Flux2KleinPipeline.__call__`` runs unchanged:
 
-- ``truncate_text_encoder``: diffusers runs all 36 Qwen3 layers and the 151936-wide ``lm_head``
-  on 512 tokens, then keeps hidden states 9, 18 and 27. Layers after the last one used and the
-  logits are pure waste (Qwen3-8B: 9 layers and a 1.2 GB ``lm_head``, 4.7 GB of bf16 in all).
 - ``fuse_qkv``: one [q;k;v] matmul instead of three in the double-stream blocks (the single-stream
   blocks are fused by design).
 - ``compile_pipeline``: regional ``torch.compile`` of the chosen ``regions`` (``KLEIN_COMPILE_REGIONS``),
@@ -37,37 +35,6 @@ logger = logging.getLogger(__name__)
 # The unfused projections fuse_projections() copies from. diffusers keeps them, doubling those
 # weights (0.6 GB in 4B, 1.6 GB in 9B); once fused the processors never read them again.
 _UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-
-
-def truncate_text_encoder(text_encoder: Any, last_layer: int) -> Any:
-    """The text encoder's base model with layers 1..``last_layer`` only, and no ``lm_head``.
-
-    ``hidden_states[k]`` of the result is bit-identical to the full model's for every
-    ``k <= last_layer``. Returns the base ``Qwen3Model`` (``text_encoder.base_model``): it takes the
-    very call the pipeline makes (``input_ids``, ``attention_mask``, ``output_hidden_states``,
-    ``use_cache``) and returns ``.hidden_states``, without computing logits for all 512 tokens.
-
-    The final norm needs care: transformers replaces the last entry of ``hidden_states`` with
-    ``last_hidden_state``, which is *after* the final RMSNorm. In the full model
-    ``hidden_states[27]`` is the raw output of layer 27; cut after layer 27, that same entry would
-    come out normed. So when layers are dropped the norm becomes an Identity; when none are (the
-    last layer is used, as in the tiny model) the norm stays, since the full model's last entry is
-    normed too.
-    """
-    base = text_encoder.base_model
-    config = base.config
-    total = config.num_hidden_layers
-    if not 1 <= last_layer <= total:
-        raise ValueError(f"last_layer {last_layer} is outside the text encoder's 1..{total} layers")
-    if last_layer < total:
-        base.layers = base.layers[:last_layer]
-        config.num_hidden_layers = last_layer
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None:
-            config.layer_types = list(layer_types)[:last_layer]
-        base.norm = torch.nn.Identity()
-    logger.info("text encoder: %d of %d layers kept, lm_head dropped", last_layer, total)
-    return base
 
 
 def fuse_qkv(transformer: Any) -> None:
