@@ -19,6 +19,11 @@ ModelSetting = Literal["auto", Model]
 MODELS: tuple[Model, ...] = get_args(Model)
 # The FLUX.2-klein checkpoints proper (what MODEL=auto may choose and the fleet may rent for).
 KLEIN_MODELS: tuple[Model, ...] = tuple(m for m in MODELS if m != "tiny")
+# Where the hub keeps each checkpoint (a diffusers folder: MODEL_PATH takes a downloaded copy).
+HUB_IDS: dict[str, str] = {
+    "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+    "klein-9b": "black-forest-labs/FLUX.2-klein-9B",
+}
 # Weights under a non-commercial licence: served only with ALLOW_NON_COMMERCIAL (or MODEL pinned).
 NON_COMMERCIAL_MODELS: tuple[Model, ...] = ("klein-9b",)
 

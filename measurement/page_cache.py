@@ -4,8 +4,7 @@ A weights file is memory-mapped and read on demand, so the bytes a load touched 
 that came into the page cache. ``evict`` drops a file's cached pages (``posix_fadvise``
 DONTNEED: no root needed, clean pages only, so it fsyncs first); ``resident_bytes`` asks the kernel
 which pages are cached (``mincore(2)``, which the standard library does not wrap: ctypes, as
-util-linux's ``fincore`` does in C). ``tensor_ranges`` reads a safetensors header, so a range can be
-one tensor's bytes.
+util-linux's ``fincore`` does in C). ``worker.prefetch.tensor_ranges`` gives one tensor's bytes.
 
 Linux only. tmpfs ignores DONTNEED: ``evict`` returns False where the pages stayed.
 """
@@ -14,10 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import mmap
 import os
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,17 +83,3 @@ def read_ahead_kb(path: Path) -> int | None:
         if (queue / "read_ahead_kb").is_file():
             return int((queue / "read_ahead_kb").read_text())
     return None  # no block device (tmpfs, overlay on some kernels)
-
-
-def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """Each tensor's byte range in a safetensors file (an 8-byte header length, a JSON header whose
-    ``data_offsets`` count from the end of the header, then the data)."""
-    with path.open("rb") as file:
-        (header_length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_length))
-    base = 8 + header_length
-    return {
-        name: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }

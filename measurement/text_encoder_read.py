@@ -1,11 +1,10 @@
 """What reading klein's text encoder costs at boot, whole (as diffusers loads it) or cut
 (``handlers.engines.text_encoder.load_text_encoder``): seconds, and bytes read from disk.
 
-A full-size text encoder (Qwen3-4B or Qwen3-8B, ``measurement.random_weights``) is written once as
-the hub lays it out: ``text_encoder/`` with a config and bf16 safetensors shards with an index,
-plus the transformer's config, which says which layers are stacked. Constant weights: a read costs
-the same whatever the values. Each measurement starts with the folder evicted from the page cache
-and ends with every kept parameter copied, as ``pipeline.to(device)`` would read it: transformers
+A full-size text encoder (Qwen3-4B or Qwen3-8B) is written once as the hub lays it out
+(``measurement.weights_folder``: constant bf16 shards with an index, and the transformer's config,
+which says which layers are stacked). Each measurement starts with the folder evicted from the
+page cache and ends with every kept parameter copied, as ``pipeline.to(device)`` would read it: transformers
 maps safetensors files and reads on demand, so the load alone reads only what it touches.
 """
 
@@ -18,65 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
-from handlers.engines.text_encoder import load_text_encoder, stacked_layers, truncate_text_encoder
+from handlers.engines.text_encoder import load_text_encoder, truncate_text_encoder
+from klein_facts.text_encoder import stacked_layers
 from measurement.page_cache import evict, resident_bytes
-from measurement.random_weights import TEXT_ENCODER_CONFIGS, TRANSFORMER_CONFIGS
+from measurement.weights_folder import write_klein_folder
 
-SHARD_BYTES = 4 << 30  # like the hub's text encoder shards: a few GB each
 MODES = ("whole", "cut")
-# --smoke: the official depth and stacking (layers 9, 18, 27 of 36) at a size that writes in a blink.
-SMOKE = "smoke"
-_SMOKE_TEXT_ENCODER: dict[str, Any] = {
-    **TEXT_ENCODER_CONFIGS["klein-4b"],
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-    "vocab_size": 256,
-}
 
 
 def write_text_encoder(model: str, folder: Path) -> Path:
-    """``folder`` with ``model``'s full-size text encoder (or ``SMOKE``'s small one) in bf16, written
-    shard by shard (at most one shard in memory); kept if already written."""
-    index_file = folder / "text_encoder" / "model.safetensors.index.json"
-    if index_file.is_file():
-        return folder
-    smoke = model == SMOKE
-    config = Qwen3Config(**(_SMOKE_TEXT_ENCODER if smoke else TEXT_ENCODER_CONFIGS[model]))
-    with torch.device("meta"):
-        shapes = {name: tensor.shape for name, tensor in Qwen3ForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")  # a tied head is not in the files
-    (folder / "text_encoder").mkdir(parents=True, exist_ok=True)
-    (folder / "transformer").mkdir(exist_ok=True)
-    config.save_pretrained(folder / "text_encoder")
-    stacked = 3 * config.hidden_size if smoke else TRANSFORMER_CONFIGS[model]["joint_attention_dim"]
-    transformer_config = {"joint_attention_dim": stacked}
-    (folder / "transformer" / "config.json").write_text(json.dumps(transformer_config))
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(shapes):  # the order save_pretrained writes
-        nbytes = shapes[name].numel() * 2
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    for number, names in enumerate(shards, start=1):
-        file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: torch.ones(shapes[name], dtype=torch.bfloat16) for name in names}
-        save_file(tensors, folder / "text_encoder" / file_name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file_name))
-        del tensors
-    total = sum(shape.numel() * 2 for shape in shapes.values())
-    index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return folder
+    """``folder`` with ``model``'s text encoder weights (and every config); kept if already written."""
+    return write_klein_folder(model, folder, weights=("text_encoder",))
 
 
 def measure(folder: Path, mode: str) -> dict[str, Any]:
@@ -117,7 +70,7 @@ def measure(folder: Path, mode: str) -> dict[str, Any]:
         "load_s": round(loaded - started, 3),
         "read_params_s": round(done - loaded, 3),
         "total_s": round(done - started, 3),
-        "read_gb": round(read / 1e9, 3),
-        "files_gb": round(sum(file.stat().st_size for file in files) / 1e9, 3),
+        "read_bytes": read,
+        "files_bytes": sum(file.stat().st_size for file in files),
         "layers_kept": layers,
     }

@@ -24,7 +24,8 @@ from transformers.utils import logging as transformers_logging
 from measurement.environment import environment
 from measurement.page_cache import read_ahead_kb
 from measurement.random_weights import TEXT_ENCODER_CONFIGS
-from measurement.text_encoder_read import MODES, SMOKE, measure, write_text_encoder
+from measurement.text_encoder_read import MODES, measure, write_text_encoder
+from measurement.weights_folder import SMOKE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = {
         mode: {
             key: statistics.median(run[key] for run in runs if run["mode"] == mode)
-            for key in ("load_s", "read_params_s", "total_s", "read_gb", "files_gb", "layers_kept")
+            for key in ("load_s", "read_params_s", "total_s", "read_bytes", "files_bytes", "layers_kept")
         }
         for mode in MODES
     }
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, row in medians.items():
         print(
             f"| {mode} | {row['layers_kept']} | {row['load_s']:.2f} | {row['read_params_s']:.2f} | "
-            f"{row['total_s']:.2f} | {row['read_gb']:.2f} of {row['files_gb']:.2f} |"
+            f"{row['total_s']:.2f} | {row['read_bytes'] / 1e9:.2f} of {row['files_bytes'] / 1e9:.2f} |"
         )
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def test_real_model_folder_generates_and_upscales_with_url_weights(stack, tmp_pa
     cache = tmp_path / "hf" / "klein-worker" / "upscalers"
     cached = sorted(p.name.split("-", 1)[1] for p in cache.iterdir())
     assert cached == ["RealESRGAN_x2plus.pth", "RealESRGAN_x4plus.pth"]
+    # The folder's weights were read ahead while the worker imported torch (worker/prefetch.py).
+    (ready,) = [line for line in log_lines(stderr) if line.get("event") == "ready"]
+    assert ready["boot"]["prefetch_gb"] > 0 and ready["boot"]["prefetch_s"] is not None
     messages = [line["msg"] for line in log_lines(stderr)]  # every line is JSON: no traceback, no bar
     ready = next(i for i, m in enumerate(messages) if m.startswith("ready: flux2-klein-4b-bf16 on cpu"))
     fetched = [i for i, m in enumerate(messages) if m.startswith("upscaler weights") and "downloaded" in m]
@@ -141,6 +145,51 @@ def test_without_preload_nothing_is_fetched_until_an_upscale_job(stack, tmp_path
     assert s3_image(stack, "lazy/up.png")[0].size == (128, 128)
     assert host.count("/releases/RealESRGAN_x4plus.pth") == 1
     assert host.count("/releases/RealESRGAN_x2plus.pth") == 0
+
+
+def test_weights_a_previous_container_downloaded_boot_from_the_hub_cache_offline(
+    stack, tmp_path, klein_folder, weight_urls
+):
+    # No MODEL_PATH: the snapshot an earlier start downloaded into HF_HOME (a stopped Vast instance
+    # keeps its disk), laid out as huggingface_hub keeps it, and no hub to reach.
+    repo = tmp_path / "hf" / "hub" / "models--black-forest-labs--FLUX.2-klein-4B"
+    commit = "4f1c2a9e" * 5
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(klein_folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    send(
+        stack,
+        {
+            "id": "gen-cached",
+            "type": "generate",
+            "input": {
+                "prompts": ["a harbour at dawn"],
+                "upload_urls": [_upload(stack, "cached/gen.png")],
+                "width": 256,
+                "height": 320,
+                "num_steps": 2,
+            },
+        },
+    )
+    proc = spawn_worker(stack, **production_env(tmp_path, klein_folder, weight_urls, MODEL_PATH=""))
+    try:
+        (result,) = results(stack, expected=1, wait=5, timeout_s=BOOT_TIMEOUT_S)
+    finally:
+        stderr = _stop(proc)
+
+    assert result["status"] == "succeeded" and result["model"] == "flux2-klein-4b-bf16", (
+        result,
+        stderr[-3000:],
+    )
+    image, _, _ = s3_image(stack, "cached/gen.png")
+    assert image.size == (256, 320)
+    lines = log_lines(stderr)
+    assert any("from hub black-forest-labs/FLUX.2-klein-4B" in line["msg"] for line in lines)
+    # The snapshot, found on disk before torch was imported, was read ahead of the load.
+    assert any(line["msg"].endswith(f"of weights from {snapshot} ahead of the load") for line in lines)
+    (ready,) = [line for line in lines if line.get("event") == "ready"]
+    assert ready["boot"]["prefetch_gb"] > 0
 
 
 def test_upscale_weights_that_answer_404_fail_the_job_once_naming_the_setting(

@@ -15,10 +15,11 @@ from safetensors import SafetensorError
 
 from handlers.engine_set import Engines
 from klein_facts.compile_regions import klein_regions
-from klein_facts.variants import GIB
+from klein_facts.variants import GIB, HUB_IDS
 from worker.boot_error import BootError
 from worker.compile_store import BundleStore, open_stores
 from worker.config import Settings
+from worker.prefetch import start_prefetch
 from worker.variant import Variant
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
     hf_home = Path(settings.hf_home) if settings.hf_home else Path.home() / ".cache" / "huggingface"
     regions = settings.regions_to_compile(variant.device)
     stores = compile_stores(settings, hf_home) if regions else []  # before torch: see compile_stores
+    # Before torch too: the disk reads the weights while the imports below run.
+    prefetch = None
+    if settings.preload_models:
+        skip = ("transformer",) if settings.nunchaku_transformer_path else ()
+        prefetch = start_prefetch(weights_folder(settings, variant, hf_home), skip=skip)
     from handlers.engines.klein import KleinEngine
     from handlers.engines.klein_loader import create_klein_engine
     from handlers.engines.quantize import UnsupportedQuantization, check_quantization, device_capability
@@ -73,6 +79,8 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
         except WEIGHT_LOAD_ERRORS as exc:
             raise BootError(weights_error(settings, variant, exc)) from exc
         phases["weights_s"] = round(time.perf_counter() - loading, 2)
+        if prefetch is not None:
+            phases.update(prefetch.report())
         if upscaler.compiled:  # its warm-up, next, loads the checkpoints: a bad URL is a boot error here
             fetch_upscaler_weights(upscaler)
         compile_boot.warm_up(
@@ -147,15 +155,28 @@ def library_output_to_logs() -> None:
     """Nothing between the worker's log lines: no download or loading bars (huggingface_hub also
     honours HF_HUB_DISABLE_PROGRESS_BARS, set in the image; diffusers and transformers only their
     own switches), and their warnings go through our handler instead of their own stderr one."""
-    import huggingface_hub.utils
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    huggingface_hub.utils.disable_progress_bars()
+    hub_output_to_logs()
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
         library.disable_default_handler()
         library.enable_propagation()
+
+
+def hub_output_to_logs() -> None:
+    """huggingface_hub's part of ``library_output_to_logs``, without importing torch. Its logger has
+    a stderr handler of its own and propagates as well, so each of its warnings (an offline boot's
+    "Could not reach the Hub ... Using cached commit hash") came out twice, once as a bare line.
+    Unlike diffusers and transformers it has no switch for that handler: removed here."""
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.disable_progress_bars()
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)
+    hub_logger.propagate = True
 
 
 def check_model_path(settings: Settings) -> None:
@@ -175,8 +196,6 @@ def check_model_path(settings: Settings) -> None:
 
 def weights_error(settings: Settings, variant: Variant, exc: Exception) -> str:
     """One line for weights that would not load, saying what to fix."""
-    from handlers.engines.klein_loader import HUB_IDS
-
     detail = " ".join(str(exc).split())[:300] or type(exc).__name__
     if settings.model_path:
         return (
@@ -220,6 +239,23 @@ def fetch_upscaler_weights(upscaler: Upscaler) -> None:
         upscaler.fetch()
     except JobError as exc:
         raise BootError(exc.message, transient=exc.retryable) from exc
+
+
+def weights_folder(settings: Settings, variant: Variant, hf_home: Path) -> Path | None:
+    """The diffusers folder klein will load, where it is already on this disk: MODEL_PATH, or the
+    hub's snapshot under HF_HOME. None for the tiny model, or weights still to download."""
+    if variant.model == "tiny":
+        return None
+    if settings.model_path:
+        return Path(settings.model_path)
+    from huggingface_hub import snapshot_download
+
+    hub_output_to_logs()
+    try:
+        snapshot = snapshot_download(HUB_IDS[variant.model], cache_dir=hf_home / "hub", local_files_only=True)
+    except OSError:  # LocalEntryNotFoundError: not downloaded (the load downloads, or says why not)
+        return None
+    return Path(snapshot)
 
 
 def compile_stores(settings: Settings, hf_home: Path) -> list[BundleStore]:

@@ -21,11 +21,12 @@ from PIL import Image
 
 from handlers.engines.lora import LoraAdapters
 from handlers.errors import InvalidInput
+from klein_facts.text_encoder import REAL_TEXT_ENCODER_OUT_LAYERS
 
 logger = logging.getLogger(__name__)
 
-# The official prompt embedding: Qwen3 layers 9, 18, 27 stacked, prompts padded to 512 tokens.
-REAL_TEXT_ENCODER_OUT_LAYERS: tuple[int, ...] = (9, 18, 27)
+# The official prompt embedding: Qwen3 layers 9, 18, 27 stacked (klein_facts.text_encoder), prompts
+# padded to 512 tokens.
 REAL_MAX_SEQUENCE_LENGTH = 512
 
 # Flux2ImageProcessor.check_image_input's limits, checked up front so a bad reference is an

@@ -34,16 +34,12 @@ from handlers.engines.speed import (
     fuse_qkv,
     set_attention_backend,
 )
-from handlers.engines.text_encoder import load_text_encoder, stacked_layers, truncate_text_encoder
+from handlers.engines.text_encoder import load_text_encoder, truncate_text_encoder
 from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
-from klein_facts.variants import MODELS, NUNCHAKU_QUANTIZATIONS, TORCHAO_QUANTIZATIONS
+from klein_facts.text_encoder import stacked_layers
+from klein_facts.variants import HUB_IDS, MODELS, NUNCHAKU_QUANTIZATIONS, TORCHAO_QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
-
-HUB_IDS: dict[str, str] = {
-    "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
-    "klein-9b": "black-forest-labs/FLUX.2-klein-9B",
-}
 
 
 def load_pipeline(

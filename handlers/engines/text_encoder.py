@@ -1,6 +1,7 @@
 """klein's text encoder, kept to the layers its prompt embeddings use.
 
-The official checkpoints stack hidden states (9, 18, 27) of a 36-layer Qwen3 (``stacked_layers``).
+The official checkpoints stack hidden states (9, 18, 27) of a 36-layer Qwen3
+(``klein_facts.text_encoder.stacked_layers``).
 Layers 28..36 and the 151936-wide ``lm_head`` never shape an image, yet diffusers reads and runs
 them: on 512 tokens per prompt, for every job.
 
@@ -21,28 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from handlers.engines.klein import REAL_TEXT_ENCODER_OUT_LAYERS
+from klein_facts.text_encoder import layer_index, stacked_layers
 
 logger = logging.getLogger(__name__)
-
-
-def stacked_layers(*, num_layers: int, hidden_size: int, joint_attention_dim: int) -> tuple[int, ...]:
-    """The text-encoder layers whose hidden states the transformer reads, stacked.
-
-    The official checkpoints stack layers (9, 18, 27) of a 36-layer Qwen3. A smaller text encoder
-    (the tiny model saved to a folder) cannot have those, so it stacks its last N layers, N being
-    what the transformer's ``joint_attention_dim`` expects.
-    """
-    num_stacked = joint_attention_dim // hidden_size
-    if num_stacked == len(REAL_TEXT_ENCODER_OUT_LAYERS) and num_layers >= max(REAL_TEXT_ENCODER_OUT_LAYERS):
-        return REAL_TEXT_ENCODER_OUT_LAYERS
-    return tuple(range(num_layers - num_stacked + 1, num_layers + 1))
 
 
 def truncate_text_encoder(text_encoder: Any, last_layer: int) -> Any:
@@ -129,13 +116,10 @@ def _drop_final_norm(base: Any) -> None:
     base.norm = torch.nn.Identity()
 
 
-_LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
-
-
 def _dropped(key: str, last_layer: int) -> bool:
     """Whether ``key`` is a tensor the cut leaves out on purpose: a later layer."""
-    layer = _LAYER_KEY.match(key)
-    return layer is not None and int(layer.group(1)) >= last_layer
+    layer = layer_index(key)
+    return layer is not None and layer >= last_layer
 
 
 class _DropLoadReport(logging.Filter):
