@@ -3,6 +3,7 @@ in-process or as a real process, send jobs, read results, queue depths and uploa
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from PIL import Image
@@ -126,3 +128,13 @@ def s3_image(stack: LocalStack, key: str) -> tuple[Image.Image, str, bytes]:
     obj = stack.client("s3").get_object(Bucket=stack.bucket, Key=key)
     data = obj["Body"].read()
     return Image.open(io.BytesIO(data)), obj["ContentType"], data
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module, to call its ``main`` in-process (no second torch import)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module

@@ -43,6 +43,30 @@ def write_klein_folder(folder: Path) -> Path:
     return folder
 
 
+def deep_tiny_pipeline(depth: int = 30) -> Any:
+    """The tiny pipeline with a text encoder as deep as the official ones stack: layers (9, 18, 27)
+    of ``depth`` (>= 27), so the layers after 27 are what a cut leaves out; its head is untied,
+    like Qwen3-8B's (klein-9B), so it is a tensor of its own in the files."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    pipeline = build_tiny_pipeline()
+    tiny = pipeline.text_encoder.config
+    config = Qwen3Config(
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=depth,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        head_dim=tiny.head_dim,
+        vocab_size=tiny.vocab_size,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    pipeline.text_encoder = Qwen3ForCausalLM(config).eval()
+    return pipeline
+
+
 def realesrgan_checkpoint(scale: int) -> bytes:
     """A ``torch.save``d Real-ESRGAN x2plus/x4plus-layout checkpoint with random weights."""
     network = random_realesrgan(scale, num_filters=CHECKPOINT_FILTERS, num_blocks=CHECKPOINT_BLOCKS, seed=7)

@@ -3,24 +3,19 @@ without and with the read ahead the worker starts before importing torch."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from measurement.page_cache import read_ahead_kb
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import load_script
 
 
 def test_the_boot_read_benchmark_runs_both_boots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if read_ahead_kb(tmp_path) is None:
         pytest.skip(f"{tmp_path} is on no block device (tmpfs?): its page cache cannot be dropped")
-    spec = importlib.util.spec_from_file_location("bench_boot_read", ROOT / "scripts" / "bench_boot_read.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_boot_read")
     out = tmp_path / "report.json"
     assert bench.main(["--smoke", "--dir", str(tmp_path / "klein"), "--runs", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

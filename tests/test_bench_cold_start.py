@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_cold_start.py"
+from tests.helpers import load_script
 
 
 def test_cold_start_from_a_saved_folder_reaches_a_result(tmp_path: Path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("bench_cold_start", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_cold_start")
     out = tmp_path / "cold.json"
     folder = tmp_path / "klein"
 

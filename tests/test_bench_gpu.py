@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_script
 
 
 def _bench_gpu() -> ModuleType:
     # In-process (the script's own main) to skip a second torch import.
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gpu")
     return bench
 
 
 def test_the_gpu_benchmark_times_the_upscaler_eager_and_compiled(tmp_path: Path) -> None:
     # bench_gpu.py --upscale-only, on the tiny upscaler with dynamo's eager backend: the code path
     # of the GPU run that fills BENCHMARKS.md's "1024 -> 4096 x4 compiled" row.
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_gpu", Path(__file__).parents[1] / "scripts" / "bench_gpu.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gpu")
     out = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--compile-backend", "eager", "--upscale-only", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import load_script
 
 
 def test_lora_benchmark_smoke_measures_both_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_lora", ROOT / "scripts" / "bench_lora.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_lora")
     out = tmp_path / "lora.json"
     assert bench.main(["--smoke", "--slot-overhead", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from measurement.page_cache import evict, read_ahead_kb, resident_bytes
+from tests.helpers import load_script
 from worker.prefetch import tensor_ranges
 
-ROOT = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 
 
@@ -63,12 +62,7 @@ def test_tensor_ranges_are_where_safetensors_keeps_each_tensor(tmp_path: Path) -
 def test_the_benchmark_reads_the_text_encoder_whole_and_cut(
     on_disk: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "bench_text_encoder_read", ROOT / "scripts" / "bench_text_encoder_read.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_text_encoder_read")
     out = on_disk / "report.json"
     assert bench.main(["--smoke", "--dir", str(on_disk / "te"), "--runs", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

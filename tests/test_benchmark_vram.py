@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +20,10 @@ from klein_facts.profile import (
 )
 from klein_facts.variants import GIB
 from measurement.limits import derive_limits, headroom_bytes, recommend
+from tests.helpers import load_script
 from tests.oom_engine import OomAboveEngine
 from worker.config import Settings
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_vram.py"
 # Small enough for a 2-core CPU: one 128x128 size, 64 px references, one step, one run.
 SMALL = ["--resolutions", "128x128", "--refs", "0,1,2,3", "--batches", "1,2", "--runs", "1", "--steps", "1"]
 SMALL += ["--ref-side", "64", "--upscale-input", "32"]
@@ -33,10 +31,7 @@ SMALL += ["--ref-side", "64", "--upscale-input", "32"]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_vram", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_vram"] = module
-    spec.loader.exec_module(module)
+    module = load_script("benchmark_vram")
     return module
 
 

@@ -3,7 +3,6 @@ and the GPU benchmark script still runs (its --smoke mode: same code, tiny model
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from handlers.engines.klein_loader import create_klein_engine, prompt_settings
 from handlers.engines.speed import compile_pipeline, fuse_qkv
 from handlers.engines.text_encoder import truncate_text_encoder
 from handlers.engines.tiny import build_tiny_pipeline
+from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
 
 
@@ -183,9 +182,7 @@ def test_compiled_tiny_engine_on_cuda() -> None:
 def test_gpu_benchmark_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # In-process (the script's own main) to skip a second torch import; the smoke mode runs the
     # very functions a GPU run does, on the tiny model.
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gpu")
     out = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--attention-backend", "native", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -210,9 +207,7 @@ def test_gpu_benchmark_compiled_stage_traces_on_the_cpu(tmp_path: Path) -> None:
     # The compiled stage with dynamo's eager backend: the code path a GPU run takes, with the
     # boot cost split in two. (Whether the 64 px smoke shapes recompile depends on the CPU's
     # convolution-backend guards, so only the count's presence is checked here.)
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gpu")
     out = tmp_path / "bench.json"
     assert (
         bench.main(
@@ -246,9 +241,7 @@ def test_device_side_pil_conversion_is_bit_identical_to_diffusers(dtype: torch.d
 def test_gpu_benchmark_compiled_stage_through_the_compile_cache(tmp_path: Path, monkeypatch) -> None:
     # --compile-cache: the compiled stage runs the worker's boot step (lookup, compile, save).
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored after the test
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gpu")
     out = tmp_path / "bench.json"
     argv = ["--smoke", "--compile-backend", "eager", "--skip-plain", "--skip-upscale"]
     assert bench.main([*argv, "--compile-cache", str(tmp_path / "cc"), "--json", str(out)]) == 0

@@ -4,7 +4,6 @@ costs the lease; found here it costs nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -13,6 +12,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_checks.sh"
@@ -44,11 +45,8 @@ def _dry_run(tmp_path: Path, *steps: str) -> list[tuple[str, int, list[str]]]:
 
 
 def _script(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert Path(path).parent.name == "scripts", path
+    return load_script(Path(path).stem)
 
 
 def test_every_step_command_parses_with_its_script(tmp_path: Path) -> None:

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from handlers.engines.tiny import TEXT_HIDDEN_SIZE, build_tiny_pipeline
 from measurement.page_cache import evict, read_ahead_kb, resident_bytes
+from tests.production import deep_tiny_pipeline
 from worker.prefetch import plan, start_prefetch, tensor_ranges, weight_files
 
 DEPTH = 30  # stacks layers (9, 18, 27) like the official checkpoints: layers 28..30 are dropped
@@ -22,19 +21,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A klein folder as the hub lays it out: a sharded transformer, a deep text encoder with its own
     head, and a single-file checkpoint at the root that diffusers never loads."""
     folder = tmp_path_factory.mktemp("klein")
-    pipeline = build_tiny_pipeline()
-    tiny = pipeline.text_encoder.config
-    config = Qwen3Config(
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads,
-        head_dim=tiny.head_dim,
-        vocab_size=tiny.vocab_size,
-        tie_word_embeddings=False,
-    )
-    pipeline.text_encoder = Qwen3ForCausalLM(config).eval()
+    pipeline = deep_tiny_pipeline(DEPTH)
     pipeline.save_pretrained(folder)
     pipeline.transformer.save_pretrained(folder / "transformer", max_shard_size="100KB")
     (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)

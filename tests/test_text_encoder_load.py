@@ -11,33 +11,18 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from handlers.engines.klein_loader import create_klein_engine
 from handlers.engines.text_encoder import load_text_encoder
-from handlers.engines.tiny import TEXT_HIDDEN_SIZE, build_tiny_pipeline
+from handlers.engines.tiny import TEXT_HIDDEN_SIZE
+from tests.production import deep_tiny_pipeline
 
 DEPTH = 30
 PROMPTS = ["a red car", "a lighthouse at dusk, oil on canvas"]
 
 
 def _deep_folder(folder: Path) -> Path:
-    pipeline = build_tiny_pipeline()
-    tiny = pipeline.text_encoder.config
-    config = Qwen3Config(
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads,
-        head_dim=tiny.head_dim,
-        vocab_size=tiny.vocab_size,
-        max_position_embeddings=tiny.max_position_embeddings,
-        tie_word_embeddings=False,  # like Qwen3-8B (klein-9B): a head of its own, to be left unread
-    )
-    torch.manual_seed(3)
-    pipeline.text_encoder = Qwen3ForCausalLM(config).eval()
-    pipeline.save_pretrained(folder)
+    deep_tiny_pipeline(DEPTH).save_pretrained(folder)
     return folder
 
 
