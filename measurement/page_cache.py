@@ -44,6 +44,12 @@ def evict(path: Path) -> bool:
     return resident_bytes(path) == 0
 
 
+def drop_folder(folder: Path) -> bool:
+    """Evict every safetensors file under ``folder`` (a cold disk for the next boot); whether all
+    of them left the page cache."""
+    return all([evict(path) for path in sorted(folder.rglob("*.safetensors"))])
+
+
 def resident_bytes(path: Path, ranges: Iterable[tuple[int, int]] | None = None) -> int:
     """Bytes of ``path`` in the page cache, over the whole file or within ``ranges`` ([start, end)),
     counted in whole pages clipped to each range."""

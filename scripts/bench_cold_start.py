@@ -12,6 +12,9 @@ job. Repeated ``--runs`` times, each a fresh process; medians reported.
     python scripts/bench_cold_start.py --env TORCH_COMPILE=true --env COMPILE_CACHE=/tmp/cc --runs 2 \
         --env COMPILE_SIZES=256x256 --size 256     # run 1 compiles and saves, run 2 loads the bundle
 
+``--drop-page-cache`` evicts MODEL_PATH's weight files before each run, so the boot reads them from
+disk (a restarted instance) rather than from the memory a just-written folder still sits in.
+
 With ``--save-tiny DIR`` the tiny pipeline is written with ``save_pretrained`` and the worker loads
 it as ``MODEL=klein-4b MODEL_PATH=DIR``: the disk-loading path a real deployment takes. On a GPU,
 ``--save-random klein-4b --save-dir DIR`` writes the full-size architecture with random weights
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from klein_facts.variants import KLEIN_MODELS
 from measurement.cold_start import one_run
+from measurement.page_cache import drop_folder
 from worker.local import start_local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one result")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the worker")
+    parser.add_argument(
+        "--drop-page-cache",
+        action="store_true",
+        help="evict MODEL_PATH's weight files before each run: read from disk, not from memory",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -77,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("UPSCALER_WEIGHTS_X2", "")
             env.setdefault("UPSCALER_WEIGHTS_X4", "")
         env.update(item.split("=", 1) for item in args.env)
-        runs = [one_run(stack, env, args.size, index, args.timeout, cwd=ROOT) for index in range(args.runs)]
+        runs = []
+        for index in range(args.runs):
+            # A folder just written (--save-*) sits in the page cache: a boot would read memory.
+            dropped = bool(args.drop_page_cache and model_path and drop_folder(Path(model_path)))
+            runs.append(
+                {**one_run(stack, env, args.size, index, args.timeout, cwd=ROOT), "cold_disk": dropped}
+            )
     finally:
         stack.stop()
     report = {
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         boot = run["boot"]
         print(
             f"| run {index + 1} | start -> first result {run['to_first_result_s']:.1f} s "
+            f"| cold disk {run['cold_disk']} | imports {boot.get('imports_s', 0):.1f} s "
+            f"| weights {boot.get('weights_s', 0):.1f} s (read ahead {boot.get('prefetch_gb', 0)} GB) "
             f"| compile cache {boot.get('compile_cache', '-')} | compile {boot.get('compile_s', 0):.1f} s "
             f"| graphs compiled {boot.get('graphs_compiled', '-')} "
             f"| from cache {boot.get('graphs_from_cache', '-')} |"
