@@ -24,8 +24,9 @@ def stacked_layers(*, num_layers: int, hidden_size: int, joint_attention_dim: in
     return tuple(range(num_layers - num_stacked + 1, num_layers + 1))
 
 
-def layer_index(tensor_name: str) -> int | None:
-    """The 0-based decoder layer a checkpoint tensor belongs to (``model.layers.12.mlp...`` -> 12),
-    or None for the embeddings, the final norm and the head."""
+def cut_off(tensor_name: str, last_layer: int) -> bool:
+    """Whether a checkpoint tensor belongs to a decoder layer after ``last_layer`` (1-based), which a
+    text encoder cut there has no place for: ``model.layers.27.mlp...`` is layer 28. The embeddings,
+    the final norm and the head belong to no layer."""
     match = _LAYER_KEY.match(tensor_name)
-    return None if match is None else int(match.group(1))
+    return match is not None and int(match.group(1)) >= last_layer

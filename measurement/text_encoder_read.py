@@ -22,14 +22,8 @@ from transformers import Qwen3ForCausalLM
 from handlers.engines.text_encoder import load_text_encoder, truncate_text_encoder
 from klein_facts.text_encoder import stacked_layers
 from measurement.page_cache import evict, resident_bytes
-from measurement.weights_folder import write_klein_folder
 
 MODES = ("whole", "cut")
-
-
-def write_text_encoder(model: str, folder: Path) -> Path:
-    """``folder`` with ``model``'s text encoder weights (and every config); kept if already written."""
-    return write_klein_folder(model, folder, weights=("text_encoder",))
 
 
 def measure(folder: Path, mode: str) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from transformers.utils import logging as transformers_logging
 from measurement.environment import environment
 from measurement.page_cache import read_ahead_kb
 from measurement.random_weights import TEXT_ENCODER_CONFIGS
-from measurement.text_encoder_read import MODES, measure, write_text_encoder
-from measurement.weights_folder import SMOKE
+from measurement.text_encoder_read import MODES, measure
+from measurement.weights_folder import SMOKE, write_klein_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers_logging.disable_progress_bar()
-    folder = write_text_encoder(SMOKE if args.smoke else args.model, args.dir)
+    folder = write_klein_folder(SMOKE if args.smoke else args.model, args.dir, weights=("text_encoder",))
     runs = [measure(folder, mode) for _ in range(args.runs) for mode in MODES]
     medians = {
         mode: {

@@ -28,13 +28,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klein_facts.text_encoder import layer_index, stacked_layers
+from klein_facts.text_encoder import cut_off, stacked_layers
 
 logger = logging.getLogger(__name__)
 
 # The names diffusers (transformer, vae) and transformers (text_encoder) load, sharded or whole; a
 # folder's other files (a root-level single-file checkpoint, .bin copies, fp16 variants) are not read.
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+_COMPONENTS = ("transformer", "vae", "text_encoder")  # what the engine loads from the folder
 _CHUNK = 64 << 20
 # The page cache must hold the files from this read until the load's; keep room for the rest.
 _MEMORY_SHARE = 0.8
@@ -75,7 +76,7 @@ def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def plan(folder: Path, *, components: tuple[str, ...] = ("transformer", "vae", "text_encoder")) -> list[Span]:
+def plan(folder: Path, *, components: tuple[str, ...] = _COMPONENTS) -> list[Span]:
     """What the engine will read of a diffusers klein folder, file by file, in file order."""
     spans: list[Span] = []
     for component in components:
@@ -101,8 +102,7 @@ def _text_encoder_spans(folder: Path) -> list[Span]:
     spans: list[Span] = []
     for path in weight_files(folder / "text_encoder"):
         for name, (start, end) in sorted(tensor_ranges(path).items(), key=lambda item: item[1]):
-            layer = layer_index(name)
-            if name.startswith("lm_head.") or (layer is not None and layer >= last):
+            if name.startswith("lm_head.") or cut_off(name, last):
                 continue
             if spans and spans[-1].path == path and spans[-1].end == start:
                 spans[-1] = Span(path, spans[-1].start, end)
@@ -189,7 +189,7 @@ def start_prefetch(
     ``available``: the memory to fit in (default ``available_memory()``)."""
     if folder is None or not (folder / "model_index.json").is_file():
         return None
-    components = tuple(c for c in ("transformer", "vae", "text_encoder") if c not in skip)
+    components = tuple(c for c in _COMPONENTS if c not in skip)
     try:
         spans = plan(folder, components=components)
     except (OSError, ValueError, KeyError, struct.error) as exc:  # the load reports a bad folder itself

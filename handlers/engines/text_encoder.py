@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from klein_facts.text_encoder import layer_index, stacked_layers
+from klein_facts.text_encoder import cut_off, stacked_layers
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def load_text_encoder(
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(f"the text encoder's weights in {source} lack {len(missing)} tensors: {missing[:3]}")
-    unused = [key for key in info["unexpected_keys"] if not _dropped(key, last)]
+    unused = [key for key in info["unexpected_keys"] if not cut_off(key, last)]
     if unused:
         logger.warning("text encoder: %d tensors in %s fit no layer: %s", len(unused), source, unused[:3])
     if last < total:
@@ -114,12 +114,6 @@ def _drop_final_norm(base: Any) -> None:
     layer 27; cut after layer 27, that same entry would come out normed, so the norm goes. A model
     that keeps every layer keeps its norm: the full model's last entry is normed too."""
     base.norm = torch.nn.Identity()
-
-
-def _dropped(key: str, last_layer: int) -> bool:
-    """Whether ``key`` is a tensor the cut leaves out on purpose: a later layer."""
-    layer = layer_index(key)
-    return layer is not None and layer >= last_layer
 
 
 class _DropLoadReport(logging.Filter):
