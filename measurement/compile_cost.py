@@ -14,7 +14,6 @@ import torch
 
 from handlers.engines.compile_cache import compile_counts
 from handlers.engines.klein import KleinEngine
-from handlers.engines.speed import compile_pipeline
 from klein_facts.compile_regions import klein_regions
 from measurement.speed_report import save_partial
 
@@ -24,10 +23,7 @@ logger = logging.getLogger("bench_gpu")
 def compile_regions(engine: KleinEngine, args: argparse.Namespace, regions: tuple[str, ...]) -> None:
     """Wrap ``regions`` for compiling as the worker does (``--compile-static``: static shapes for
     the transformer and the VAE), and count them among the engine's compiled regions."""
-    compile_pipeline(
-        engine.pipeline, regions=regions, backend=args.compile_backend, dynamic=not args.compile_static
-    )
-    engine.compile_regions = tuple(sorted(set(engine.compile_regions) | set(regions)))
+    engine.compile_at_first_run(regions, backend=args.compile_backend, dynamic=not args.compile_static)
 
 
 def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict[str, Any]) -> None:

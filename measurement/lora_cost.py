@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from handlers.engines.klein import KleinEngine
 from handlers.engines.klein_loader import build_engine
 from handlers.engines.lora import create_lora_adapters
-from handlers.engines.speed import compile_pipeline
 from handlers.lora_files import AdapterFile
+from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
 from measurement.engines import build_pipeline
 from measurement.meter import Meter
 from measurement.workload import PROMPT
@@ -62,8 +62,7 @@ def make_engine(
         hotswap=compiled,
     )
     if compiled:
-        compile_pipeline(pipeline, backend=args.compile_backend)
-        engine.compiled = True
+        engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend=args.compile_backend)
     started = time.perf_counter()
     engine.warm_up()
     logger.info(

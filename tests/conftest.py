@@ -43,11 +43,15 @@ def _isolated_logging() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _default_compile_stance() -> Iterator[None]:
-    """A compiled engine's warm-up sets dynamo's process-wide stance to eager_on_recompile; put it
-    back so the next test's compiled graphs compile as usual."""
+    """A compiled engine's warm-up sets dynamo's process-wide stance to eager_on_recompile, and a
+    boot with a compile cache turns caching precompile on; put both back so the next test's
+    compiled graphs compile as usual."""
     yield
     if "torch" in sys.modules:
-        sys.modules["torch"].compiler.set_stance("default")
+        torch = sys.modules["torch"]
+        torch.compiler.set_stance("default")
+        # A compile cache's boot turns caching precompile on for the process (compile_cache.py).
+        torch._dynamo.config.caching_precompile = False
 
 
 @pytest.fixture(scope="session")

@@ -71,21 +71,22 @@ def spawn_worker(stack: LocalStack, **env: Any) -> subprocess.Popen[str]:
     )
 
 
-def serve_one_job(
-    stack: LocalStack, job: dict[str, Any], **env: Any
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Queue ``job``, run one worker process (``spawn_worker`` with ``env``) until its result is on
-    the result queue, stop it; return its ``ready`` line's boot phases and the result."""
-    send(stack, job)
+def serve_jobs(
+    stack: LocalStack, jobs: list[dict[str, Any]], **env: Any
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Queue ``jobs``, run one worker process (``spawn_worker`` with ``env``) until all their results
+    are on the result queue, stop it; return its ``ready`` line's boot phases and the results by id."""
+    for job in jobs:
+        send(stack, job)
     proc = spawn_worker(stack, **env)
     try:
-        (result,) = results(stack, expected=1, wait=20) or [None]
+        found = results(stack, expected=len(jobs), wait=20)
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=120)
     ready = [json.loads(line) for line in stderr.splitlines() if '"event": "ready"' in line]
-    assert ready and result is not None, stderr[-4000:]
-    return ready[0]["boot"], result
+    assert ready and len(found) == len(jobs), stderr[-4000:]
+    return ready[0]["boot"], {result["id"]: result for result in found}
 
 
 def send(stack: LocalStack, job: dict[str, Any] | str) -> str:

@@ -13,9 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.helpers import s3_image, serve_one_job
+from tests.helpers import s3_image, serve_jobs
 from worker.compile_store import FolderStore, S3Store, fetch, open_stores
 from worker.local import LocalStack
 
@@ -36,42 +37,95 @@ def _job(stack: LocalStack, job_id: str, width: int, height: int) -> dict[str, A
     }
 
 
-def _boot_once(stack: LocalStack, job_id: str, cache: str, width: int = 256) -> tuple[dict[str, Any], dict]:
-    """One worker process: it boots, serves one job, is stopped. Returns its boot phases and result."""
-    job = _job(stack, job_id, width, 256)
-    return serve_one_job(stack, job, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_SIZES=COMPILED)
+def _boot_once(
+    stack: LocalStack, job_ids: list[str], cache: str, widths: list[int], **env: str
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """One worker process: it boots, serves a job per id, is stopped. Returns its boot phases and
+    the results by id."""
+    jobs = [_job(stack, job_id, width, 256) for job_id, width in zip(job_ids, widths, strict=True)]
+    return serve_jobs(stack, jobs, TORCH_COMPILE="true", COMPILE_CACHE=cache, COMPILE_SIZES=COMPILED, **env)
+
+
+def _pixels(stack: LocalStack, key: str) -> np.ndarray:
+    return np.asarray(s3_image(stack, key)[0])
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two CPU inductor boots: ~2-4 min on an idle 2-core box, more under load
+@pytest.mark.timeout(900)  # two CPU inductor boots: ~1-4 min on an idle 2-core box, more under load
+@pytest.mark.parametrize("precompile", ["on", "off"])
 def test_the_second_worker_loads_the_compiled_engine_from_s3_and_compiles_nothing(
-    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precompile: str
 ) -> None:
     # Each boot gets its own folder (and inductor's own caches inside it): the second machine
-    # shares nothing with the first but the S3 bundle.
+    # shares nothing with the first but the S3 bundle. "on" is the worker's default (dynamo's output
+    # in the bundle: the second boot traces nothing); TORCH_CACHING_PRECOMPILE=0 turns it off (the
+    # bundle holds inductor's graphs, which the second boot finds after tracing).
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    env = {} if precompile == "on" else {"TORCH_CACHING_PRECOMPILE": "0"}
     prefix = f"compile/{uuid.uuid4().hex[:8]}"
     remote = f"s3://{stack.bucket}/{prefix}"
 
-    first, result = _boot_once(stack, "first", f"{tmp_path / 'a'},{remote}")
+    first, found = _boot_once(stack, ["first"], f"{tmp_path / 'a'},{remote}", [256], **env)
     assert first["compile_cache"] == "miss"
     assert first["graphs_compiled"] > 0 and first["graphs_from_cache"] == 0
+    assert first["precompiled_from_cache"] == 0
     (bundle,) = (tmp_path / "a").glob("*.bundle")
     listed = stack.client("s3").list_objects_v2(Bucket=stack.bucket, Prefix=prefix)["Contents"]
     assert [obj["Key"] for obj in listed] == [f"{prefix}/{bundle.name}"]
-    assert result["status"] == "succeeded", result
+    assert found["first"]["status"] == "succeeded", found
 
-    # A job at a size that was not compiled runs eager on the second worker: it still succeeds.
-    second, result = _boot_once(stack, "second", f"{tmp_path / 'b'},{remote}", width=320)
+    # The same job, and one at a size that was not compiled (it runs eager: it still succeeds).
+    second, found = _boot_once(stack, ["second", "wider"], f"{tmp_path / 'b'},{remote}", [256, 320], **env)
     assert second["compile_cache"] == "hit"
     assert second["graphs_compiled"] == 0
-    assert second["graphs_from_cache"] == first["graphs_compiled"]
+    if precompile == "on":  # every compiled function came whole from the bundle: nothing traced
+        assert second["dynamo_graphs"] == 0 and second["graphs_from_cache"] == 0
+        assert second["precompiled_from_cache"] > 0
+    else:
+        assert second["dynamo_graphs"] > 0 and second["graphs_from_cache"] == first["graphs_compiled"]
+        assert second["precompiled_from_cache"] == 0
     assert (tmp_path / "b" / bundle.name).read_bytes() == bundle.read_bytes()  # kept on local disk
-    assert result["status"] == "succeeded", result
-    image, _, _ = s3_image(stack, "second.png")
-    assert image.size == (320, 256)
+    assert all(result["status"] == "succeeded" for result in found.values()), found
+    # The loaded engine runs the kernels the first one compiled: the very same image.
+    assert np.array_equal(_pixels(stack, "second.png"), _pixels(stack, "first.png"))
+    assert s3_image(stack, "wider.png")[0].size == (320, 256)
     for phase in ("imports_s", "weights_s", "cache_load_s", "compile_s", "warm_up_s"):
         assert second[phase] >= 0, phase
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two CPU inductor boots with LoRA hotswap slots
+def test_lora_jobs_on_a_worker_loaded_from_the_bundle_give_the_compiling_workers_images(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hotswap slots are part of every compiled transformer block: adapters are copied into
+    # them per job. Functions taken whole from the bundle keep no identity guards (compile_cache.
+    # use_precompiled_functions), so this checks that what an adapter changes still reaches them.
+    from tests.lora_files import make_adapter
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    key = "loras/style.safetensors"
+    stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=make_adapter(tmp_path, seed=3))
+    env = {"TORCH_COMPILE": "true", "COMPILE_SIZES": COMPILED, "MAX_LORAS": "1", "LORA_MAX_RANK": "8"}
+
+    def boot(name: str) -> dict[str, Any]:
+        plain, styled = _job(stack, f"{name}-plain", 256, 256), _job(stack, f"{name}-lora", 256, 256)
+        styled["input"]["loras"] = [{"url": stack.presign_get(key), "scale": 1.0}]
+        phases, found = serve_jobs(stack, [plain, styled], COMPILE_CACHE=str(tmp_path / name), **env)
+        assert all(result["status"] == "succeeded" for result in found.values()), found
+        return phases
+
+    first = boot("first")
+    (tmp_path / "second").mkdir()
+    for bundle in (tmp_path / "first").glob("*.bundle"):  # the second machine gets only the bundle
+        (tmp_path / "second" / bundle.name).write_bytes(bundle.read_bytes())
+    second = boot("second")
+
+    assert first["compile_cache"] == "miss" and second["compile_cache"] == "hit"
+    assert second["dynamo_graphs"] == 0 and second["precompiled_from_cache"] > 0
+    for job in ("plain", "lora"):
+        assert np.array_equal(_pixels(stack, f"second-{job}.png"), _pixels(stack, f"first-{job}.png")), job
+    assert not np.array_equal(_pixels(stack, "second-lora.png"), _pixels(stack, "second-plain.png"))
 
 
 def _key(**change: str) -> dict[str, str]:
@@ -160,19 +214,19 @@ def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
 
     from handlers.engines.compile_cache import bundle_name, cache_key
     from handlers.engines.klein_loader import create_klein_engine
-    from handlers.engines.speed import compile_pipeline
+    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
     from worker import compile_boot
 
     torch._dynamo.reset()
     engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
-    engine.compile_regions = compile_pipeline(engine.pipeline, backend="eager")
-    engine.compiled = True
+    engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
     key = cache_key(
         device=engine.device,
         variant="flux2-klein-tiny",
         quantization="none",
         sizes=((1, 64, 64),),
         regions=engine.compile_regions,
+        precompile=True,  # the boot's default with a compile cache
     )
     (tmp_path / bundle_name(key)).write_bytes(_bundle(key)[:-1])  # truncated
     phases: dict[str, Any] = {}

@@ -1,10 +1,12 @@
 """Boot's compile step: look the engine's bundle up, compile (or load), save after a miss, warm up.
 
-The order (issue 10): weights are loaded and the compile wrappers are in place but nothing is
-compiled yet; the bundle for this exact setup is fetched from COMPILE_CACHE and loaded into torch's
-caches; the warm-up then compiles the served sizes, finding every graph in the cache on a hit; after
-a miss (or a bundle that lacked graphs) the new bundle is saved to every store. A missing, damaged
-or mismatched bundle is one warning and a normal compile.
+The order (issue 10): weights are loaded but nothing is compiled yet, and the compile wrappers are
+not in place either (the engine's first run puts them there); the bundle for this exact setup is
+fetched from COMPILE_CACHE and loaded into torch's caches; the warm-up then compiles the served
+sizes, finding every compiled function (dynamo's output with its graphs:
+``compile_cache.use_precompiled_functions``) in the cache on a hit; after a miss (or a bundle that
+lacked graphs) the new bundle is saved to every store. A missing, damaged or mismatched bundle is
+one warning and a normal compile.
 
 Each phase's seconds land in ``phases`` for the ``ready`` log line and /healthz.
 """
@@ -57,6 +59,8 @@ def warm_up(
     from handlers.engines import compile_cache
 
     regions = compiled_regions(engine, upscaler)
+    # Before the first run wraps any region: torch looks precompiled functions up as it wraps them.
+    precompile = bool(stores) and compile_cache.use_precompiled_functions()
     key = compile_cache.cache_key(
         device=engine.device,
         variant=variant,
@@ -66,6 +70,7 @@ def warm_up(
         dynamic=dynamic,
         lora_slot=lora_slot(engine),
         regions=regions,
+        precompile=precompile,
     )
     name = compile_cache.bundle_name(key)
     started = time.perf_counter()

@@ -7,6 +7,12 @@ traces. A bundle is valid only for the exact setup that produced it, hence the k
 its compute capability, the torch/triton/diffusers/transformers/torchao versions, the variant and
 quantization, the compiled sizes, and a hash of the engine source that shapes the graphs.
 
+With torch's caching precompile on (``use_precompiled_functions``, the worker's default) the bundle
+also carries dynamo's own output for each compiled function: its bytecode, guards and the compiled
+backend. A hit then neither traces nor calls the compiler: the boot's compile phase on the CPU went
+from 18.7 s to 0.5 s (BENCHMARKS.md). ``TORCH_CACHING_PRECOMPILE=0`` (torch's own switch) turns it
+off, and bundles then carry the compiled graphs only, as before.
+
 Format: ``MAGIC``, one JSON header line (the key, the artifacts' sha256, the compile time it
 saved), then the artifacts. The checksum catches a truncated or damaged file before torch unpickles
 it. Storage (folder, S3) is the worker's business: this module only makes and reads bytes.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 from dataclasses import dataclass
 from importlib import metadata
@@ -85,6 +92,7 @@ def cache_key(
     dynamic: bool = True,
     regions: tuple[str, ...],
     lora_slot: str = "none",
+    precompile: bool = False,
 ) -> dict[str, str]:
     """Everything a compiled graph depends on, as strings (compared field by field on load)."""
     return {
@@ -99,6 +107,8 @@ def cache_key(
         "lora_slot": lora_slot,
         "regions": ",".join(regions),  # COMPILE_REGIONS as compiled (klein_facts/compile_regions.py)
         "engine_source": engine_source_hash(),
+        # Bundles with dynamo's output (use_precompiled_functions) and without are not interchangeable.
+        "precompile": "on" if precompile else "off",
     }
 
 
@@ -161,8 +171,46 @@ def load(data: bytes, key: dict[str, str]) -> LoadedBundle:
     return LoadedBundle(entries, float(compile_s) if isinstance(compile_s, int | float) else None)
 
 
+_DROPPED_GUARD = "is dropped with caching_precompile=True"
+
+
+class _DroppedGuards(logging.Filter):
+    """Drops dynamo's warning for each identity guard it leaves out of a precompiled function."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _DROPPED_GUARD not in str(record.msg)
+
+
+def use_precompiled_functions() -> bool:
+    """Turn torch's caching precompile on for this process, unless ``TORCH_CACHING_PRECOMPILE=0``;
+    returns whether it is on. Call before loading a bundle and before anything is compiled.
+
+    With it, ``torch.compile`` looks each function up in dynamo's cache when it wraps it, and a
+    compiled function found there runs without being traced; ``save_cache_artifacts`` then packs
+    those functions with the graphs. To make a function reusable in another process, dynamo leaves
+    out the guards on object identity (modules, functions, the block instance: every instance of a
+    block class shares one entry), logging a warning for each: expected here, so filtered out. What
+    an identity guard would have caught (other code, other library versions, another variant or
+    LoRA slot) the bundle's key already does, and dynamo checks the functions' source itself.
+    Dynamo's on-disk cache (``<inductor cache>/dynamo``) is emptied first: only the bundle whose
+    key matches this setup may fill it.
+    """
+    import torch._dynamo.config
+    import torch._dynamo.package
+
+    if os.environ.get("TORCH_CACHING_PRECOMPILE") == "0":
+        return False
+    torch._dynamo.config.caching_precompile = True
+    torch._dynamo.package.DynamoCache.clear()
+    guards = logging.getLogger("torch._dynamo.guards")
+    if not any(isinstance(f, _DroppedGuards) for f in guards.filters):
+        guards.addFilter(_DroppedGuards())
+    return True
+
+
 def compile_counts() -> dict[str, int]:
-    """Graphs inductor compiled in this process, and those it took from a cache (local or bundle)."""
+    """Graphs inductor compiled in this process, those it took from a cache (local or bundle), the
+    graphs dynamo traced, and the compiled functions taken whole (untraced) from a bundle."""
     from torch._dynamo.utils import counters
 
     inductor = counters["inductor"]
@@ -170,4 +218,5 @@ def compile_counts() -> dict[str, int]:
         "graphs_compiled": int(inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"]),
         "graphs_from_cache": int(inductor["fxgraph_cache_hit"]),
         "dynamo_graphs": int(counters["stats"]["unique_graphs"]),
+        "precompiled_from_cache": int(counters["dynamo_cache"]["dynamo_cache_hit"]),
     }

@@ -20,6 +20,7 @@ from diffusers import Flux2KleinPipeline
 from PIL import Image
 
 from handlers.engines.lora import LoraAdapters
+from handlers.engines.speed import compile_pipeline, compile_regions_checked
 from handlers.errors import InvalidInput
 from klein_facts.text_encoder import REAL_TEXT_ENCODER_OUT_LAYERS
 
@@ -67,6 +68,8 @@ class KleinEngine:
         # What compile_pipeline compiled (klein_facts.compile_regions), sorted so the compile
         # cache key can name it; empty for an engine that runs eager.
         self.compile_regions = tuple(sorted(compile_regions)) if compiled else ()
+        # compile_pipeline's calls that the next run makes (compile_at_first_run).
+        self._to_wrap: list[tuple[tuple[str, ...], str, bool]] = []
         self.loras = loras  # None: this worker takes no LoRA adapters (MAX_LORAS=0)
         self.compile_sizes = tuple(compile_sizes)
         self.name = name
@@ -105,6 +108,7 @@ class KleinEngine:
             # value anyway, but warn on every call.
             logger.debug("guidance_scale %s ignored by the distilled model %s", guidance_scale, self.name)
             guidance_scale = 1.0
+        self._wrap_compiled_regions()
         # CPU generators: the same noise whatever the device, and one per image for per-item seeds.
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         with torch.inference_mode():
@@ -121,6 +125,27 @@ class KleinEngine:
                 text_encoder_out_layers=self.text_encoder_out_layers,
             )
             return to_pil(output.images)
+
+    def compile_at_first_run(
+        self, regions: Collection[str], *, backend: str = "inductor", dynamic: bool = True
+    ) -> None:
+        """Have the next run wrap ``regions`` for compiling (``speed.compile_pipeline``; ``dynamic``:
+        shape-generic transformer and VAE graphs), and count them among the compiled regions.
+
+        Deferred, not done here: the boot loads the compile cache between building the engine and
+        its warm-up, and torch takes a precompiled function from that cache when ``torch.compile``
+        wraps it, not when it first runs (``worker/compile_boot.py``).
+        """
+        chosen = compile_regions_checked(regions)
+        if chosen:
+            self._to_wrap.append((chosen, backend, dynamic))
+            self.compiled = True
+            self.compile_regions = tuple(sorted({*self.compile_regions, *chosen}))
+
+    def _wrap_compiled_regions(self) -> None:
+        while self._to_wrap:
+            regions, backend, dynamic = self._to_wrap.pop(0)
+            compile_pipeline(self.pipeline, regions=regions, backend=backend, dynamic=dynamic)
 
     def warm_up(self) -> None:
         """Small generations, so the first job does not pay for lazy init, kernel selection or compiling.

@@ -28,7 +28,6 @@ from handlers.engines.quantize import (
     quantize_pipeline,
 )
 from handlers.engines.speed import (
-    compile_pipeline,
     compile_regions_checked,
     enable_fast_math,
     fuse_qkv,
@@ -182,7 +181,8 @@ def build_engine(
        before compiling; see ``handlers.engines.lora``),
     6. compile ``compile_regions`` (with ``compile``; ``klein_facts.compile_regions``, by default the
        transformer blocks and the VAE decoder; on a CPU inductor builds C++, which serves the tests
-       of the compiled path and the compile cache). No region at all means an eager engine.
+       of the compiled path and the compile cache). No region at all means an eager engine. The
+       wrappers go in place on the engine's first run (``KleinEngine.compile_at_first_run``).
     """
     regions = compile_regions_checked(compile_regions)
     layers, max_length = prompt_settings(pipeline)
@@ -204,8 +204,6 @@ def build_engine(
     loras = create_lora_adapters(
         pipeline, quantization=quantization, max_loras=max_loras, max_rank=lora_max_rank, hotswap=hotswap
     )
-    if compiled:
-        compile_pipeline(pipeline, regions=regions)
     logger.info(
         "klein engine %s ready on %s (text layers %s, max %d tokens, compiled %s)",
         name,
@@ -214,18 +212,19 @@ def build_engine(
         max_length,
         ", ".join(regions) if compiled else "nothing",
     )
-    return KleinEngine(
+    engine = KleinEngine(
         pipeline=pipeline,
         name=name,
         device=device,
         text_encoder_out_layers=layers,
         max_sequence_length=max_length,
-        compiled=compiled,
         loras=loras,
         compile_sizes=compile_sizes,
-        compile_regions=regions,
         attention_backend=attention_backend,
     )
+    if compiled:
+        engine.compile_at_first_run(regions)
+    return engine
 
 
 def _precision_label(quantization: str, dtype: torch.dtype) -> str:

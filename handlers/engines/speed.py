@@ -23,7 +23,7 @@ Each step keeps the pipeline's interface, so ``Flux2KleinPipeline.__call__`` run
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +81,40 @@ def enable_fast_math() -> None:
     torch.backends.cudnn.benchmark = True
 
 
+def compile_forward(module: torch.nn.Module, **options: Any) -> None:
+    """``torch.compile`` ``module``'s own ``forward``, in place; its hooks stay eager around it.
+
+    Not ``Module.compile()``: that compiles ``nn.Module._call_impl``, and torch's precompiled
+    cache (``worker.compile_boot``: dynamo's output carried in the compile bundle) files a compiled
+    function under its qualified name and first line. Every region would then share
+    ``Module._call_impl``'s entry, each one's overwriting the last. Compiled through their own
+    ``forward`` (``Flux2TransformerBlock.forward``, ``Decoder.forward``, ...) the regions get one
+    entry each, and every instance of a block class shares its class's.
+    """
+    if torch._dynamo.config.caching_precompile:
+        options["options"] = {**options.get("options", {}), "guard_filter_fn": serializable_guards}
+    module.forward = torch.compile(module.forward, **options)
+
+
+def serializable_guards(entries: Sequence[Any]) -> list[bool]:
+    """Keep the guards a precompiled function can carry to another process (a ``guard_filter_fn``).
+
+    Caching precompile drops the identity guards itself (ID_MATCH and those built on it), but not
+    every guard it then cannot serialize: Qwen3's decoder layer leaves a CLASS_MATCH on
+    ``type(self)``, and torch 2.14 then trips over its own bypass of the package (an
+    AssertionError that fails the compile). Those guards pin objects by identity, which another
+    process cannot check anyway; what they would protect is pinned by the compile bundle's key, and
+    a function compiled through its own ``forward`` only ever runs for that class.
+    """
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [
+        entry.guard_type not in unsupported and not unsupported.intersection(entry.derived_guard_types or ())
+        for entry in entries
+    ]
+
+
 def compile_transformer(
     transformer: Any, *, dynamic: bool | None = True, fullgraph: bool = True, backend: str = "inductor"
 ) -> None:
@@ -90,17 +124,17 @@ def compile_transformer(
     counts all change the token count, and each new static shape would otherwise stall a job on a
     recompile (and hit dynamo's recompile limit). ``backend="eager"`` only traces (tests).
     """
-    if getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
-    else:
-        transformer.compile(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    # diffusers' compile_repeated_blocks, with compile_forward in place of Module.compile.
+    repeated = getattr(transformer, "_repeated_blocks", None) or ()
+    for block in [m for m in transformer.modules() if type(m).__name__ in repeated] or [transformer]:
+        compile_forward(block, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     logger.info("transformer blocks compiled lazily (backend %s, dynamic %s)", backend, dynamic)
 
 
 def compile_vae_decoder(vae: Any, *, dynamic: bool | None = True, backend: str = "inductor") -> None:
     """Compile the VAE decoder in channels_last (alone, channels_last is slower; compiled, 91 -> 38 ms)."""
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile(fullgraph=True, dynamic=dynamic, backend=backend)
+    compile_forward(vae.decoder, fullgraph=True, dynamic=dynamic, backend=backend)
     logger.info("VAE decoder compiled lazily (backend %s)", backend)
 
 
@@ -132,7 +166,7 @@ def compile_text_encoder(
     """
     layers = getattr(text_encoder, "base_model", text_encoder).layers
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, fullgraph=True, dynamic=dynamic, backend=backend)
+        compile_forward(layer, fullgraph=True, dynamic=dynamic, backend=backend)
     logger.info("text encoder layers compiled lazily (%d layers, backend %s)", len(layers), backend)
 
 

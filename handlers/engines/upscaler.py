@@ -22,6 +22,7 @@ from PIL import Image
 from spandrel import ImageModelDescriptor, ModelLoader
 from spandrel.architectures.__arch_helpers.block import RRDB
 
+from handlers.engines.speed import compile_forward
 from handlers.engines.tiling import run_tiled
 from handlers.errors import InvalidInput
 from klein_facts.variants import GIB
@@ -235,7 +236,7 @@ def compile_blocks(network: torch.nn.Module, *, backend: str | Callable[..., Any
     """
     blocks = [module for module in network.modules() if isinstance(module, RRDB)]
     for module in blocks or [network]:
-        module.compile(fullgraph=True, dynamic=True, backend=backend)
+        compile_forward(module, fullgraph=True, dynamic=True, backend=backend)
     logger.info(
         "upscaler: %d %s compiled lazily (backend %s)",
         len(blocks) or 1,
