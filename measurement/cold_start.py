@@ -5,6 +5,7 @@ splitting boot from the first job."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -67,3 +68,22 @@ def _ready_entry(stderr: str) -> dict[str, Any]:
         if '"event": "ready"' in line:
             return json.loads(line)
     raise SystemExit(f"the worker logged no ready event:\n{stderr[-3000:]}")
+
+
+def keep_only_bundles(compile_cache: str) -> int:
+    """Empty COMPILE_CACHE's folders but for their bundles: what a new container holds once it has
+    the bundle from S3, without a restarted instance's caches (inductor's builds, dynamo's
+    packages, both under ``<folder>/inductor``). S3 entries are left alone. Returns the bundles kept."""
+    kept = 0
+    for entry in filter(None, (item.strip() for item in compile_cache.split(","))):
+        folder = Path(entry)
+        if entry.startswith("s3://") or not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.suffix == ".bundle" and path.is_file():
+                kept += 1
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return kept

@@ -12,6 +12,10 @@ job. Repeated ``--runs`` times, each a fresh process; medians reported.
     python scripts/bench_cold_start.py --env TORCH_COMPILE=true --env COMPILE_CACHE=/tmp/cc --runs 2 \
         --env COMPILE_SIZES=256x256 --size 256     # run 1 compiles and saves, run 2 loads the bundle
 
+``--bundle-only`` empties the COMPILE_CACHE folders but for their bundles before every run after the
+first: each later run is a new container that got the bundle from S3, not a restarted instance
+with inductor's own caches on its disk.
+
 ``--drop-page-cache`` evicts MODEL_PATH's weight files before each run, so the boot reads them from
 disk (a restarted instance) rather than from the memory a just-written folder still sits in.
 
@@ -33,7 +37,7 @@ import sys
 from pathlib import Path
 
 from klein_facts.variants import KLEIN_MODELS
-from measurement.cold_start import one_run
+from measurement.cold_start import keep_only_bundles, one_run
 from measurement.page_cache import drop_folder
 from worker.local import start_local_stack
 
@@ -55,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drop-page-cache",
         action="store_true",
         help="evict MODEL_PATH's weight files before each run: read from disk, not from memory",
+    )
+    parser.add_argument(
+        "--bundle-only",
+        action="store_true",
+        help="from run 2 on, keep only the bundles in the COMPILE_CACHE folders: a new container",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
@@ -90,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.runs):
             # A folder just written (--save-*) sits in the page cache: a boot would read memory.
             dropped = bool(args.drop_page_cache and model_path and drop_folder(Path(model_path)))
-            runs.append(
-                {**one_run(stack, env, args.size, index, args.timeout, cwd=ROOT), "cold_disk": dropped}
-            )
+            bundles = keep_only_bundles(env.get("COMPILE_CACHE", "")) if args.bundle_only and index else None
+            run = one_run(stack, env, args.size, index, args.timeout, cwd=ROOT)
+            runs.append({**run, "cold_disk": dropped, "bundles_only": bundles})
     finally:
         stack.stop()
     report = {
@@ -119,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| weights {boot.get('weights_s', 0):.1f} s (read ahead {boot.get('prefetch_gb', 0)} GB) "
             f"| compile cache {boot.get('compile_cache', '-')} | compile {boot.get('compile_s', 0):.1f} s "
             f"| graphs compiled {boot.get('graphs_compiled', '-')} "
-            f"| from cache {boot.get('graphs_from_cache', '-')} |"
+            f"| from cache {boot.get('graphs_from_cache', '-')} | traced {boot.get('dynamo_graphs', '-')} "
+            f"| precompiled from cache {boot.get('precompiled_from_cache', '-')} "
+            f"| bundle only {run['bundles_only'] is not None} |"
         )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

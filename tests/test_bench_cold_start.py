@@ -38,3 +38,18 @@ def test_cold_start_from_a_saved_folder_reaches_a_result(tmp_path: Path, capsys)
     assert run["cold_disk"] == (read_ahead_kb(folder) is not None)
     assert run["boot"]["prefetch_s"] is not None
     assert "start -> first result" in capsys.readouterr().out
+
+
+def test_bundle_only_leaves_a_new_containers_folder(tmp_path: Path) -> None:
+    # --bundle-only: what a new container has after fetching the bundle, none of the instance's caches.
+    from measurement.cold_start import keep_only_bundles
+
+    folder = tmp_path / "cc"
+    (folder / "inductor" / "dynamo").mkdir(parents=True)
+    (folder / "inductor" / "dynamo" / "package").write_bytes(b"x")
+    (folder / "flux2-klein-tiny-none-abc.bundle").write_bytes(b"bundle")
+    (folder / "stray.tmp").write_bytes(b"partial upload")
+
+    assert keep_only_bundles(f"{folder}, s3://bucket/prefix") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["flux2-klein-tiny-none-abc.bundle"]
+    assert keep_only_bundles("") == 0

@@ -90,6 +90,7 @@ def build_engines(settings: Settings, variant: Variant) -> Engines:
             stores=stores,
             phases=phases,
             upscaler=upscaler,
+            precompile=settings.torch_caching_precompile,
         )
         log.info("%s loaded in %.1f s", engine.name, time.perf_counter() - loading)
         return engine

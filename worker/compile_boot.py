@@ -44,10 +44,12 @@ def warm_up(
     phases: dict[str, Any],
     dynamic: bool = True,
     upscaler: Upscaler | None = None,
+    precompile: bool = True,
 ) -> None:
     """Warm ``engine`` (and a compiled ``upscaler``) up, through the compile cache when anything is
     compiled; fills ``phases``. ``dynamic``: how klein's regions were compiled (the worker:
-    shape-generic), part of the key."""
+    shape-generic), part of the key. ``precompile`` (TORCH_CACHING_PRECOMPILE): bundles carry
+    dynamo's output too (``compile_cache.use_precompiled_functions``), part of the key."""
     upscaler = upscaler if upscaler is not None and upscaler.compiled else None
     if not engine.compiled and upscaler is None:
         started = time.perf_counter()
@@ -60,7 +62,9 @@ def warm_up(
 
     regions = compiled_regions(engine, upscaler)
     # Before the first run wraps any region: torch looks precompiled functions up as it wraps them.
-    precompile = bool(stores) and compile_cache.use_precompiled_functions()
+    precompile = precompile and bool(stores)
+    if precompile:
+        compile_cache.use_precompiled_functions()
     key = compile_cache.cache_key(
         device=engine.device,
         variant=variant,

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # Where compiled-engine bundles are kept (worker/compile_store.py): folders and/or s3://bucket/prefix,
     # comma-separated; unset = $HF_HOME/klein-worker/compile-cache; "off" = compile every boot.
     compile_cache: str | None = None
+    # Torch's own switch (read by torch too, which defaults it off): whether the compile cache's
+    # bundles carry dynamo's output, so that a hit traces nothing (handlers/engines/compile_cache.py).
+    # The worker turns it on; only an explicit 0/false turns it off.
+    torch_caching_precompile: bool = True
     # The sizes the warm-up compiles, WxH[:BATCH] comma-separated; any other shape runs eager.
     compile_sizes: str = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}"
     # What TORCH_COMPILE compiles (klein_facts/compile_regions.py), comma-separated.

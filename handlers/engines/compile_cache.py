@@ -10,7 +10,7 @@ quantization, the compiled sizes, and a hash of the engine source that shapes th
 With torch's caching precompile on (``use_precompiled_functions``, the worker's default) the bundle
 also carries dynamo's own output for each compiled function: its bytecode, guards and the compiled
 backend. A hit then neither traces nor calls the compiler: the boot's compile phase on the CPU went
-from 18.7 s to 0.5 s (BENCHMARKS.md). ``TORCH_CACHING_PRECOMPILE=0`` (torch's own switch) turns it
+from 18.7 s to 1.6 s (BENCHMARKS.md). ``TORCH_CACHING_PRECOMPILE=0`` (torch's own switch) turns it
 off, and bundles then carry the compiled graphs only, as before.
 
 Format: ``MAGIC``, one JSON header line (the key, the artifacts' sha256, the compile time it
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 from dataclasses import dataclass
 from importlib import metadata
@@ -181,9 +180,9 @@ class _DroppedGuards(logging.Filter):
         return _DROPPED_GUARD not in str(record.msg)
 
 
-def use_precompiled_functions() -> bool:
-    """Turn torch's caching precompile on for this process, unless ``TORCH_CACHING_PRECOMPILE=0``;
-    returns whether it is on. Call before loading a bundle and before anything is compiled.
+def use_precompiled_functions() -> None:
+    """Turn torch's caching precompile on for this process. Call before loading a bundle and before
+    anything is compiled.
 
     With it, ``torch.compile`` looks each function up in dynamo's cache when it wraps it, and a
     compiled function found there runs without being traced; ``save_cache_artifacts`` then packs
@@ -198,14 +197,11 @@ def use_precompiled_functions() -> bool:
     import torch._dynamo.config
     import torch._dynamo.package
 
-    if os.environ.get("TORCH_CACHING_PRECOMPILE") == "0":
-        return False
     torch._dynamo.config.caching_precompile = True
     torch._dynamo.package.DynamoCache.clear()
     guards = logging.getLogger("torch._dynamo.guards")
     if not any(isinstance(f, _DroppedGuards) for f in guards.filters):
         guards.addFilter(_DroppedGuards())
-    return True
 
 
 def compile_counts() -> dict[str, int]:
