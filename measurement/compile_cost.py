@@ -35,7 +35,7 @@ def compile_in_parts(engine: KleinEngine, args: argparse.Namespace, report: dict
     for part in parts:
         compile_regions(engine, args, (part,))
         # The previous part's warm-up ended with dynamo refusing new compiles (the worker's stance);
-        # every region shares nn.Module's call frame, so this one would otherwise run eager.
+        # under that stance no new function compiles (torch 2.14), so this one would otherwise run eager.
         torch.compiler.set_stance("default")
         graphs = compile_counts()["dynamo_graphs"]
         started = time.perf_counter()

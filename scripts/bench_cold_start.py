@@ -12,9 +12,9 @@ job. Repeated ``--runs`` times, each a fresh process; medians reported.
     python scripts/bench_cold_start.py --env TORCH_COMPILE=true --env COMPILE_CACHE=/tmp/cc --runs 2 \
         --env COMPILE_SIZES=256x256 --size 256     # run 1 compiles and saves, run 2 loads the bundle
 
-``--bundle-only`` empties the COMPILE_CACHE folders but for their bundles before every run after the
-first: each later run is a new container that got the bundle from S3, not a restarted instance
-with inductor's own caches on its disk.
+``--bundle-only-runs K`` empties the COMPILE_CACHE folders but for their bundles before each of the
+last K runs: those are new containers that got the bundle from S3; the runs before them are
+restarted instances, with inductor's and dynamo's own caches still on their disk.
 
 ``--drop-page-cache`` evicts MODEL_PATH's weight files before each run, so the boot reads them from
 disk (a restarted instance) rather than from the memory a just-written folder still sits in.
@@ -61,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evict MODEL_PATH's weight files before each run: read from disk, not from memory",
     )
     parser.add_argument(
-        "--bundle-only",
-        action="store_true",
-        help="from run 2 on, keep only the bundles in the COMPILE_CACHE folders: a new container",
+        "--bundle-only-runs",
+        type=int,
+        default=0,
+        help="the last K runs find only the bundles in the COMPILE_CACHE folders: new containers",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.runs):
             # A folder just written (--save-*) sits in the page cache: a boot would read memory.
             dropped = bool(args.drop_page_cache and model_path and drop_folder(Path(model_path)))
-            bundles = keep_only_bundles(env.get("COMPILE_CACHE", "")) if args.bundle_only and index else None
+            new_container = index >= max(1, args.runs - args.bundle_only_runs)  # run 1 makes the bundle
+            bundles = keep_only_bundles(env.get("COMPILE_CACHE", "")) if new_container else None
             run = one_run(stack, env, args.size, index, args.timeout, cwd=ROOT)
             runs.append({**run, "cold_disk": dropped, "bundles_only": bundles})
     finally:

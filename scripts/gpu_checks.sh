@@ -10,10 +10,10 @@
 # Steps: deps, tests, bench-4b, bench-4b-fp8, bench-9b, vram-4b, vram-4b-compiled, vram-9b, cold-4b,
 # cold-4b-cache, bench-4b-stages, attn-4b, fp8-4b-stages, fp8-9b-stages, static-4b, upscale-x4,
 # textenc-4b, profile-4b (see the case below). Presets (issue 10, each one call within ~9.5 minutes):
-#   issue10         deps, cold-4b-cache, bench-4b-stages, attn-4b    (limits 20+330+150+60 s)
+#   issue10         deps, cold-4b-cache, bench-4b-stages             (limits 20+390+150 s)
 #   issue10-fp8     deps, fp8-4b-stages, fp8-9b-stages               (limits 20+240+300 s)
 #   issue10-static  deps, static-4b, profile-4b                      (limits 20+240+300 s)
-#   issue10-regions deps, upscale-x4, textenc-4b                     (limits 20+150+330 s)
+#   issue10-regions deps, upscale-x4, textenc-4b, attn-4b            (limits 20+150+330+60 s)
 # Each step runs under its own time limit (SECONDS, else its default) with its
 # output in OUT_DIR/STEP.log and its JSON beside it; a step that fails or runs out of time is
 # reported and the next one still runs, so one bug does not cost the whole GPU lease. The
@@ -63,10 +63,10 @@ run_step() {
 steps=()
 for spec in "$@"; do
     case $spec in
-    issue10) steps+=(deps cold-4b-cache:330 bench-4b-stages:150 attn-4b:60) ;;
+    issue10) steps+=(deps cold-4b-cache:390 bench-4b-stages:150) ;;
     issue10-fp8) steps+=(deps fp8-4b-stages:240 fp8-9b-stages:300) ;;
     issue10-static) steps+=(deps static-4b:240 profile-4b:300) ;;
-    issue10-regions) steps+=(deps upscale-x4:150 textenc-4b:330) ;;
+    issue10-regions) steps+=(deps upscale-x4:150 textenc-4b:330 attn-4b:60) ;;
     *) steps+=("$spec") ;;
     esac
 done
@@ -90,10 +90,11 @@ pydantic_settings, boto3, moto.server; print('torch', torch.__version__, 'diffus
         # Issue 10: container start to first result, 4B BF16 from local disk (its pages dropped from
         # memory before each run; the boot reads the weights ahead while it imports); run 1 with an empty
         # COMPILE_CACHE (compiles and saves), run 2 with the bundle run 1 saved (a fresh process,
-        # inductor's own caches in the same folder as on a restarted Vast instance).
+        # inductor's and dynamo's own caches in the same folder as on a restarted Vast instance),
+        # run 3 with the bundle alone (a new container that fetched it from S3).
         [ -n "${GPU_CHECKS_DRY_RUN:-}" ] || rm -rf /tmp/klein-compile-cache
         run_step "$name" "${limit:-300}" "$python" scripts/bench_cold_start.py --save-random klein-4b \
-            --save-dir /tmp/klein-4b-random --size 1024 --runs 2 --env TORCH_COMPILE=true \
+            --save-dir /tmp/klein-4b-random --size 1024 --runs 3 --bundle-only-runs 1 --env TORCH_COMPILE=true \
             --env COMPILE_CACHE=/tmp/klein-compile-cache --drop-page-cache --json "$out/$name.json"
         [ -n "${GPU_CHECKS_DRY_RUN:-}" ] || ls -l /tmp/klein-compile-cache/*.bundle 2>&1 | tee -a "$out/$name.log"
         ;;

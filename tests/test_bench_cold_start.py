@@ -41,7 +41,7 @@ def test_cold_start_from_a_saved_folder_reaches_a_result(tmp_path: Path, capsys)
 
 
 def test_bundle_only_leaves_a_new_containers_folder(tmp_path: Path) -> None:
-    # --bundle-only: what a new container has after fetching the bundle, none of the instance's caches.
+    # --bundle-only-runs: what a new container has after fetching the bundle, none of the instance's caches.
     from measurement.cold_start import keep_only_bundles
 
     folder = tmp_path / "cc"
