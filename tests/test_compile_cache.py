@@ -250,6 +250,46 @@ def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
     assert image.size == (64, 64)
 
 
+def test_a_bundle_torch_cannot_save_is_a_warning_and_the_engine_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch pickles what it compiled (dynamo's output too): should that fail, the boot goes on.
+    import torch
+
+    from handlers.engines.klein_loader import create_klein_engine
+    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
+    from worker import compile_boot
+
+    def unpicklable() -> None:
+        raise TypeError("cannot pickle 'generator' object")
+
+    torch._dynamo.reset()
+    engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
+    engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", unpicklable)
+    phases: dict[str, Any] = {}
+
+    with caplog.at_level(logging.WARNING):
+        compile_boot.warm_up(
+            engine,
+            variant="flux2-klein-tiny",
+            quantization="none",
+            stores=[FolderStore(tmp_path)],
+            phases=phases,
+        )
+
+    assert phases["compile_cache"] == "miss" and not list(tmp_path.glob("*.bundle"))
+    assert any(
+        "torch could not save the compiled engine: TypeError" in r.getMessage()
+        and "no bundle saved" in r.getMessage()
+        for r in caplog.records
+    )
+    (image,) = engine.generate(
+        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
+    )
+    assert image.size == (64, 64)
+
+
 def test_stores_from_compile_cache(tmp_path: Path) -> None:
     default = tmp_path / "default"
     (only,) = open_stores(None, default_folder=default)

@@ -137,7 +137,11 @@ def save(
     from handlers.engines import compile_cache
 
     started = time.perf_counter()
-    data = compile_cache.pack(key, compile_s=compile_s)
+    try:
+        data = compile_cache.pack(key, compile_s=compile_s)
+    except compile_cache.BundleError as exc:  # the engine is compiled and serves; only later boots pay
+        log.warning("compile cache: %s; no bundle saved", exc)
+        return
     if data is None:
         log.warning("compile cache: torch returned no artifacts to save")
         return

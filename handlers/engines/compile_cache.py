@@ -118,8 +118,12 @@ def bundle_name(key: dict[str, str]) -> str:
 
 
 def pack(key: dict[str, str], *, compile_s: float) -> bytes | None:
-    """This process's compile artifacts as a bundle; None when nothing was compiled."""
-    saved = torch.compiler.save_cache_artifacts()
+    """This process's compile artifacts as a bundle; None when nothing was compiled, ``BundleError``
+    when torch cannot serialize them."""
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # torch pickles what it compiled, dynamo's output included: anything can raise
+        raise BundleError(f"torch could not save the compiled engine: {type(exc).__name__}: {exc}") from exc
     if saved is None:
         return None
     artifacts, info = saved

@@ -110,7 +110,10 @@ def serializable_guards(entries: Sequence[Any]) -> list[bool]:
 
     unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
     return [
-        entry.guard_type not in unsupported and not unsupported.intersection(entry.derived_guard_types or ())
+        entry.guard_type not in unsupported
+        and not unsupported.intersection(entry.derived_guard_types or ())
+        # A TYPE_MATCH on a class defined inside a function: no other process can name it either.
+        and not getattr(entry.orig_guard, "_unserializable", False)
         for entry in entries
     ]
 
