@@ -63,6 +63,7 @@ def build_vram_engines(args: argparse.Namespace) -> tuple[KleinEngine, Upscaler,
                 stores=stores,
                 phases=phases,
                 upscaler=upscaler,
+                precompile=settings.torch_caching_precompile,  # the worker's bundle, with or without
             )
         return engine, upscaler, phases
     engines = worker_build_engines(settings, variant)
