@@ -290,6 +290,30 @@ def test_a_bundle_torch_cannot_save_is_a_warning_and_the_engine_serves(
     assert image.size == (64, 64)
 
 
+def test_dynamo_keeps_on_disk_only_the_functions_of_the_bundle_this_boot_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dynamo files precompiled functions by function name alone: another setup's must not survive a
+    # boot with another bundle, and the same bundle's must survive a second worker of the same box.
+    from handlers.engines.compile_cache import claim_dynamo_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    entry = tmp_path / "dynamo" / "0123abcd" / "entry"
+
+    def earlier_boot_left_an_entry() -> None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_bytes(b"a precompiled function")
+
+    earlier_boot_left_an_entry()
+    claim_dynamo_cache("flux2-klein-4b-none-aaa.bundle")
+    assert not entry.exists()  # no marker: whose it was is unknown
+    earlier_boot_left_an_entry()
+    claim_dynamo_cache("flux2-klein-4b-none-aaa.bundle")
+    assert entry.exists()  # the same bundle's (another GPU's worker, or the last boot)
+    claim_dynamo_cache("flux2-klein-4b-fp8-bbb.bundle")
+    assert not entry.exists()
+
+
 def test_stores_from_compile_cache(tmp_path: Path) -> None:
     default = tmp_path / "default"
     (only,) = open_stores(None, default_folder=default)

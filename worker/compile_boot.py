@@ -77,6 +77,8 @@ def warm_up(
         precompile=precompile,
     )
     name = compile_cache.bundle_name(key)
+    if precompile:
+        compile_cache.claim_dynamo_cache(name)
     started = time.perf_counter()
     found = fetch(stores, name)
     loaded = None

@@ -194,18 +194,36 @@ def use_precompiled_functions() -> None:
     out the guards on object identity (modules, functions, the block instance: every instance of a
     block class shares one entry), logging a warning for each: expected here, so filtered out. What
     an identity guard would have caught (other code, other library versions, another variant or
-    LoRA slot) the bundle's key already does, and dynamo checks the functions' source itself.
-    Dynamo's on-disk cache (``<inductor cache>/dynamo``) is emptied first: only the bundle whose
-    key matches this setup may fill it.
+    LoRA slot) the bundle's key already does, and dynamo checks the functions' source itself: see
+    ``claim_dynamo_cache`` for the functions dynamo finds on disk.
     """
     import torch._dynamo.config
-    import torch._dynamo.package
 
     torch._dynamo.config.caching_precompile = True
-    torch._dynamo.package.DynamoCache.clear()
     guards = logging.getLogger("torch._dynamo.guards")
     if not any(isinstance(f, _DroppedGuards) for f in guards.filters):
         guards.addFilter(_DroppedGuards())
+
+
+def claim_dynamo_cache(name: str) -> None:
+    """Leave in dynamo's on-disk cache (``<inductor cache>/dynamo``) only functions of the bundle
+    ``name``: dynamo files them by function name alone, and would take another setup's (another
+    variant, LoRA slot or attention backend, left there by an earlier boot) for this one's.
+
+    It is emptied unless a marker names this bundle already: the workers of one box (one per GPU)
+    share that folder and boot together with the same bundle, and one emptying it while another
+    has just filled it would cost that one a trace. Dynamo writes each entry atomically, so two
+    workers filling it with the same bundle do not clash.
+    """
+    from torch._dynamo.package import DynamoCache
+
+    folder = Path(DynamoCache.path_prefix())
+    marker = folder / "klein-bundle"
+    if marker.is_file() and marker.read_text() == name:
+        return
+    DynamoCache.clear()
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(name)
 
 
 def compile_counts() -> dict[str, int]:
