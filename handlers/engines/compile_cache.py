@@ -10,7 +10,7 @@ quantization, the compiled sizes, and a hash of the engine source that shapes th
 With torch's caching precompile on (``use_precompiled_functions``, the worker's default) the bundle
 also carries dynamo's own output for each compiled function: its bytecode, guards and the compiled
 backend. A hit then neither traces nor calls the compiler: the boot's compile phase on the CPU went
-from 18.7 s to 1.6 s (BENCHMARKS.md). ``TORCH_CACHING_PRECOMPILE=0`` (torch's own switch) turns it
+from 18.8 s to 1.8 s (BENCHMARKS.md). ``TORCH_CACHING_PRECOMPILE=0`` (torch's own switch) turns it
 off, and bundles then carry the compiled graphs only, as before.
 
 Format: ``MAGIC``, one JSON header line (the key, the artifacts' sha256, the compile time it
