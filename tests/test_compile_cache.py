@@ -314,6 +314,41 @@ def test_dynamo_keeps_on_disk_only_the_functions_of_the_bundle_this_boot_loads(
     assert not entry.exists()
 
 
+def test_a_hit_whose_precompiled_functions_do_not_load_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # dynamo's eager backend cannot be packed with a function ("Backend not found"): a bundle made
+    # with it loads, but its functions are traced again. The boot works, and warns.
+    import torch
+    from torch._dynamo.utils import counters
+
+    from handlers.engines.klein_loader import create_klein_engine
+    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
+    from worker import compile_boot
+
+    boots: list[dict[str, Any]] = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compiler.set_stance("default")
+        engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
+        engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
+        boots.append({})
+        with caplog.at_level(logging.INFO):
+            compile_boot.warm_up(
+                engine,
+                variant="flux2-klein-tiny",
+                quantization="none",
+                stores=[FolderStore(tmp_path / "cache")],
+                phases=boots[-1],
+            )
+
+    assert [boot["compile_cache"] for boot in boots] == ["miss", "hit"]
+    assert boots[1]["dynamo_graphs"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("graphs were traced: its precompiled functions did not load" in w for w in warnings), warnings
+
+
 def test_stores_from_compile_cache(tmp_path: Path) -> None:
     default = tmp_path / "default"
     (only,) = open_stores(None, default_folder=default)

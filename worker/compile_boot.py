@@ -109,11 +109,21 @@ def warm_up(
     compile_s = time.perf_counter() - started
     counts = compile_cache.compile_counts()
     log.info(
-        "compiled in %.1f s: %d graphs compiled, %d from the cache",
+        "compiled in %.1f s: %d graphs compiled, %d from the cache, %d traced, %d functions loaded whole",
         compile_s,
         counts["graphs_compiled"],
         counts["graphs_from_cache"],
+        counts["dynamo_graphs"],
+        counts["precompiled_from_cache"],
     )
+    if precompile and loaded and counts["dynamo_graphs"]:
+        # A hit that still traced: the bundle's precompiled functions did not all load (dynamo
+        # logs why). The boot paid the tracing a hit should skip; worth an operator's look.
+        log.warning(
+            "compile cache: %s hit, but %d graphs were traced: its precompiled functions did not load",
+            name,
+            counts["dynamo_graphs"],
+        )
     phases.update(compile_cache="hit" if loaded else state, compile_s=round(compile_s, 2), **counts)
     if stores and (loaded is None or counts["graphs_compiled"]):
         save(stores, name, key, compile_s=compile_s, phases=phases)
