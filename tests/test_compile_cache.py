@@ -206,20 +206,49 @@ def test_the_lora_hotswap_slot_is_part_of_the_key() -> None:
     assert keys[0]["lora_slot"] == "2x8" and bundle_name(keys[0]) != bundle_name(keys[1])
 
 
+def _tiny_engine_compiled_eager() -> Any:
+    """In-process, what a new worker process starts from: dynamo reset, and a tiny engine whose
+    default regions compile at its first run at 64x64, with dynamo's eager backend standing in for
+    inductor (traced, no codegen)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from handlers.engines.klein_loader import create_klein_engine
+    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compiler.set_stance("default")
+    engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
+    engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
+    return engine
+
+
+def _warm_up_through(engine: Any, folder: Path) -> dict[str, Any]:
+    """The boot's compile step for ``engine`` with ``folder`` as COMPILE_CACHE; its boot phases."""
+    from worker import compile_boot
+
+    phases: dict[str, Any] = {}
+    compile_boot.warm_up(
+        engine, variant="flux2-klein-tiny", quantization="none", stores=[FolderStore(folder)], phases=phases
+    )
+    return phases
+
+
+def _one_image(engine: Any) -> Any:
+    (image,) = engine.generate(
+        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
+    )
+    return image
+
+
 def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The boot path itself, with dynamo's eager backend standing in for inductor (no codegen).
-    import torch
-
     from handlers.engines.compile_cache import bundle_name, cache_key
-    from handlers.engines.klein_loader import create_klein_engine
-    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
-    from worker import compile_boot
 
-    torch._dynamo.reset()
-    engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
-    engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
+    engine = _tiny_engine_compiled_eager()
     key = cache_key(
         device=engine.device,
         variant="flux2-klein-tiny",
@@ -229,25 +258,15 @@ def test_a_bad_bundle_on_disk_means_a_warning_and_a_normal_compile(
         precompile=True,  # the boot's default with a compile cache
     )
     (tmp_path / bundle_name(key)).write_bytes(_bundle(key)[:-1])  # truncated
-    phases: dict[str, Any] = {}
 
     with caplog.at_level(logging.INFO):
-        compile_boot.warm_up(
-            engine,
-            variant="flux2-klein-tiny",
-            quantization="none",
-            stores=[FolderStore(tmp_path)],
-            phases=phases,
-        )
+        phases = _warm_up_through(engine, tmp_path)
 
     assert phases["compile_cache"] == "miss" and phases["compile_s"] > 0 and phases["warm_up_s"] > 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("checksum mismatch" in w and "compiling instead" in w for w in warnings), warnings
     assert any("cache miss" in r.getMessage() for r in caplog.records)
-    (image,) = engine.generate(
-        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
-    )
-    assert image.size == (64, 64)
+    assert _one_image(engine).size == (64, 64)
 
 
 def test_a_bundle_torch_cannot_save_is_a_warning_and_the_engine_serves(
@@ -256,27 +275,14 @@ def test_a_bundle_torch_cannot_save_is_a_warning_and_the_engine_serves(
     # torch pickles what it compiled (dynamo's output too): should that fail, the boot goes on.
     import torch
 
-    from handlers.engines.klein_loader import create_klein_engine
-    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
-    from worker import compile_boot
-
     def unpicklable() -> None:
         raise TypeError("cannot pickle 'generator' object")
 
-    torch._dynamo.reset()
-    engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
-    engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
+    engine = _tiny_engine_compiled_eager()
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", unpicklable)
-    phases: dict[str, Any] = {}
 
     with caplog.at_level(logging.WARNING):
-        compile_boot.warm_up(
-            engine,
-            variant="flux2-klein-tiny",
-            quantization="none",
-            stores=[FolderStore(tmp_path)],
-            phases=phases,
-        )
+        phases = _warm_up_through(engine, tmp_path)
 
     assert phases["compile_cache"] == "miss" and not list(tmp_path.glob("*.bundle"))
     assert any(
@@ -284,10 +290,7 @@ def test_a_bundle_torch_cannot_save_is_a_warning_and_the_engine_serves(
         and "no bundle saved" in r.getMessage()
         for r in caplog.records
     )
-    (image,) = engine.generate(
-        prompts=["x"], seeds=[1], references=[], width=64, height=64, num_steps=1, guidance_scale=1.0
-    )
-    assert image.size == (64, 64)
+    assert _one_image(engine).size == (64, 64)
 
 
 def test_dynamo_keeps_on_disk_only_the_functions_of_the_bundle_this_boot_loads(
@@ -319,29 +322,8 @@ def test_a_hit_whose_precompiled_functions_do_not_load_says_so(
 ) -> None:
     # dynamo's eager backend cannot be packed with a function ("Backend not found"): a bundle made
     # with it loads, but its functions are traced again. The boot works, and warns.
-    import torch
-    from torch._dynamo.utils import counters
-
-    from handlers.engines.klein_loader import create_klein_engine
-    from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
-    from worker import compile_boot
-
-    boots: list[dict[str, Any]] = []
-    for _ in range(2):
-        torch._dynamo.reset()
-        counters.clear()
-        torch.compiler.set_stance("default")
-        engine = create_klein_engine(model="tiny", compile_sizes=((1, 64, 64),))
-        engine.compile_at_first_run(DEFAULT_COMPILE_REGIONS, backend="eager")
-        boots.append({})
-        with caplog.at_level(logging.INFO):
-            compile_boot.warm_up(
-                engine,
-                variant="flux2-klein-tiny",
-                quantization="none",
-                stores=[FolderStore(tmp_path / "cache")],
-                phases=boots[-1],
-            )
+    with caplog.at_level(logging.INFO):
+        boots = [_warm_up_through(_tiny_engine_compiled_eager(), tmp_path / "cache") for _ in range(2)]
 
     assert [boot["compile_cache"] for boot in boots] == ["miss", "hit"]
     assert boots[1]["dynamo_graphs"] > 0
