@@ -298,7 +298,7 @@ def test_dynamo_keeps_on_disk_only_the_functions_of_the_bundle_this_boot_loads(
 ) -> None:
     # Dynamo files precompiled functions by function name alone: another setup's must not survive a
     # boot with another bundle, and the same bundle's must survive a second worker of the same box.
-    from handlers.engines.compile_cache import claim_dynamo_cache
+    from handlers.engines.compile_cache import use_precompiled_functions
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     entry = tmp_path / "dynamo" / "0123abcd" / "entry"
@@ -308,12 +308,12 @@ def test_dynamo_keeps_on_disk_only_the_functions_of_the_bundle_this_boot_loads(
         entry.write_bytes(b"a precompiled function")
 
     earlier_boot_left_an_entry()
-    claim_dynamo_cache("flux2-klein-4b-none-aaa.bundle")
+    use_precompiled_functions("flux2-klein-4b-none-aaa.bundle")
     assert not entry.exists()  # no marker: whose it was is unknown
     earlier_boot_left_an_entry()
-    claim_dynamo_cache("flux2-klein-4b-none-aaa.bundle")
+    use_precompiled_functions("flux2-klein-4b-none-aaa.bundle")
     assert entry.exists()  # the same bundle's (another GPU's worker, or the last boot)
-    claim_dynamo_cache("flux2-klein-4b-fp8-bbb.bundle")
+    use_precompiled_functions("flux2-klein-4b-fp8-bbb.bundle")
     assert not entry.exists()
 
 

@@ -61,10 +61,7 @@ def warm_up(
     from handlers.engines import compile_cache
 
     regions = compiled_regions(engine, upscaler)
-    # Before the first run wraps any region: torch looks precompiled functions up as it wraps them.
     precompile = precompile and bool(stores)
-    if precompile:
-        compile_cache.use_precompiled_functions()
     key = compile_cache.cache_key(
         device=engine.device,
         variant=variant,
@@ -77,8 +74,8 @@ def warm_up(
         precompile=precompile,
     )
     name = compile_cache.bundle_name(key)
-    if precompile:
-        compile_cache.claim_dynamo_cache(name)
+    if precompile:  # before the first run wraps any region: torch looks functions up as it wraps them
+        compile_cache.use_precompiled_functions(name)
     started = time.perf_counter()
     found = fetch(stores, name)
     loaded = None

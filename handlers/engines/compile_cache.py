@@ -184,9 +184,9 @@ class _DroppedGuards(logging.Filter):
         return _DROPPED_GUARD not in str(record.msg)
 
 
-def use_precompiled_functions() -> None:
-    """Turn torch's caching precompile on for this process. Call before loading a bundle and before
-    anything is compiled.
+def use_precompiled_functions(name: str) -> None:
+    """Turn torch's caching precompile on for this process, to load (or make) the bundle ``name``.
+    Call before loading the bundle and before anything is compiled.
 
     With it, ``torch.compile`` looks each function up in dynamo's cache when it wraps it, and a
     compiled function found there runs without being traced; ``save_cache_artifacts`` then packs
@@ -194,28 +194,22 @@ def use_precompiled_functions() -> None:
     out the guards on object identity (modules, functions, the block instance: every instance of a
     block class shares one entry), logging a warning for each: expected here, so filtered out. What
     an identity guard would have caught (other code, other library versions, another variant or
-    LoRA slot) the bundle's key already does, and dynamo checks the functions' source itself: see
-    ``claim_dynamo_cache`` for the functions dynamo finds on disk.
+    LoRA slot) the bundle's key already does, and dynamo checks the functions' source itself.
+
+    Dynamo's on-disk cache (``<inductor cache>/dynamo``) files functions by name alone, and would
+    take another setup's (another variant, LoRA slot or attention backend, left there by an
+    earlier boot) for this one's: it is emptied unless a marker names ``name`` already. Not
+    emptied every boot: the workers of one box (one per GPU) share that folder and boot together
+    with the same bundle, and one emptying it while another has just filled it would cost that one
+    a trace. Dynamo writes each entry atomically, so two workers filling it do not clash.
     """
     import torch._dynamo.config
+    from torch._dynamo.package import DynamoCache
 
     torch._dynamo.config.caching_precompile = True
     guards = logging.getLogger("torch._dynamo.guards")
     if not any(isinstance(f, _DroppedGuards) for f in guards.filters):
         guards.addFilter(_DroppedGuards())
-
-
-def claim_dynamo_cache(name: str) -> None:
-    """Leave in dynamo's on-disk cache (``<inductor cache>/dynamo``) only functions of the bundle
-    ``name``: dynamo files them by function name alone, and would take another setup's (another
-    variant, LoRA slot or attention backend, left there by an earlier boot) for this one's.
-
-    It is emptied unless a marker names this bundle already: the workers of one box (one per GPU)
-    share that folder and boot together with the same bundle, and one emptying it while another
-    has just filled it would cost that one a trace. Dynamo writes each entry atomically, so two
-    workers filling it with the same bundle do not clash.
-    """
-    from torch._dynamo.package import DynamoCache
 
     folder = Path(DynamoCache.path_prefix())
     marker = folder / "klein-bundle"
