@@ -55,6 +55,11 @@ def test_the_compiled_stage_compiles_each_region_asked_for(tmp_path: Path) -> No
     # --compile-regions with the text encoder, region by region (dynamo's eager backend): each
     # region's warm-up really compiles its own graphs. After the first region's warm-up dynamo
     # refuses new compiles (the worker's stance); without resetting it the next regions ran eager.
+    import torch
+
+    # As in the fresh process the script runs in: earlier tests' compiles of the same block classes
+    # stay on their code objects, and past dynamo's recompile limit a region would run eager here.
+    torch._dynamo.reset()
     bench = _bench_gpu()
     out = tmp_path / "bench.json"
     regions = "transformer,vae,text_encoder"
