@@ -74,7 +74,10 @@ def test_explicit_model_and_no_gpu_cases():
     assert choose_variant(settings(model="klein-4b", quantization="int8"), [gpu("L4", 24, 23)]).label == (
         "flux2-klein-4b-int8"
     )
-    assert choose_variant(settings(model="tiny"), []).device == "cpu"
+    tiny = choose_variant(settings(model="tiny"), [])
+    assert (tiny.device, tiny.quantization) == ("cpu", "none")  # auto: random weights, full precision
+    # A quantization named is served on the tiny model too (the quantized path, on a CPU).
+    assert choose_variant(settings(model="tiny", quantization="fp8"), []).quantization == "fp8"
     with pytest.raises(BootError, match="MODEL=tiny"):
         choose_variant(settings(model="auto"), [])
 

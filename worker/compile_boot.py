@@ -61,7 +61,10 @@ def warm_up(
     from handlers.engines import compile_cache
 
     regions = compiled_regions(engine, upscaler)
-    precompile = precompile and bool(stores)
+    refused = compile_cache.precompile_refused(quantization)
+    if precompile and stores and refused:
+        log.info("compile cache: the bundle holds inductor's graphs only: %s", refused)
+    precompile = precompile and bool(stores) and not refused
     key = compile_cache.cache_key(
         device=engine.device,
         variant=variant,

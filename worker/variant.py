@@ -51,7 +51,11 @@ def choose_variant(
     gpu = gpus[0] if gpus else None
     device = settings.device or ("cuda" if gpu else "cpu")
     if settings.model == "tiny":
-        return Variant("tiny", "none", device, "MODEL=tiny")
+        # Random weights have no precision to pick, so "auto" is full precision; a quantization
+        # named is applied (on a CPU: torchao's int8, or FP8 weights), so the quantized path a
+        # deployment takes runs on the tiny model too.
+        named = "none" if settings.quantization == "auto" else settings.quantization
+        return Variant("tiny", named, device, "MODEL=tiny")
     if gpu is None and device != "cpu":
         raise BootError(
             f"MODEL={settings.model} needs an NVIDIA GPU and none was found; use MODEL=tiny on CPU"

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from klein_facts.variants import TORCHAO_QUANTIZATIONS
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"KLEIN-COMPILE-BUNDLE 1\n"
@@ -182,6 +184,22 @@ class _DroppedGuards(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return _DROPPED_GUARD not in str(record.msg)
+
+
+def precompile_refused(quantization: str) -> str | None:
+    """Why an engine quantized with ``quantization`` cannot have dynamo's output in its bundle, or
+    None when it can.
+
+    torch 2.14 pickles each tensor a precompiled function guards on as an empty copy on the meta
+    device, and torchao's quantized weights (Float8Tensor, Int8Tensor) implement no such copy: the
+    first compile fails with "Float8Tensor dispatch: attempting to run unimplemented operator ...
+    aten.empty_like", and the boot with it. Leaving those guards out does not help (torch then
+    asserts on its own bypass of the package). Such bundles carry inductor's graphs only, as with
+    TORCH_CACHING_PRECOMPILE=0: a later boot traces, then compiles nothing.
+    """
+    if quantization in TORCHAO_QUANTIZATIONS:
+        return f"torch cannot serialize the guards on torchao's {quantization} weights"
+    return None
 
 
 def use_precompiled_functions(name: str) -> None:
