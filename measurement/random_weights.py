@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from diffusers import (
@@ -28,13 +28,12 @@ from diffusers import (
 )
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from handlers.engines.klein import DEFAULT_COMPILE_SIZES, REAL_MAX_SEQUENCE_LENGTH, KleinEngine
-from handlers.engines.klein_loader import build_engine
+from handlers.engines.klein import REAL_MAX_SEQUENCE_LENGTH, KleinEngine
+from handlers.engines.klein_loader import EngineOptions, build_engine
 from handlers.engines.quantize import check_quantization, device_capability
 from handlers.engines.tiny import build_tiny_tokenizer
 from handlers.engines.upscaler import SCALES, StateDictSource, Upscaler
 from handlers.engines.upscaler_loader import random_realesrgan
-from klein_facts.compile_regions import DEFAULT_COMPILE_REGIONS
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +151,11 @@ def create_random_klein_engine(
     quantization: str = "none",
     device: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
-    compile: bool = False,
-    compile_sizes: tuple[tuple[int, int, int], ...] = DEFAULT_COMPILE_SIZES,
-    compile_regions: Collection[str] = DEFAULT_COMPILE_REGIONS,
+    **options: Unpack[EngineOptions],
 ) -> KleinEngine:
     """A ``KleinEngine`` over ``build_random_pipeline``, made by the worker's own ``build_engine``
-    (text encoder truncation, fused QKV, quantization, compilation), so it measures what serves.
+    (text encoder truncation, fused QKV, quantization, compilation), so it measures what serves;
+    ``options`` go to it as they are.
 
     The bf16 weights are created on the device before being quantized there, so an fp8 variant
     briefly needs its bf16 size on the card (~34 GB for klein-9B); a real-weight load quantizes
@@ -173,10 +171,8 @@ def create_random_klein_engine(
         name=f"flux2-klein-{model.removeprefix('klein-')}-{precision}-random",
         device=target,
         quantization=quantization,
-        compile=compile,
-        compile_sizes=compile_sizes,
-        compile_regions=compile_regions,
         capability=capability,
+        **options,
     )
 
 

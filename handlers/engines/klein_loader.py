@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from diffusers import Flux2KleinPipeline
@@ -87,6 +87,18 @@ def prompt_settings(pipeline: Flux2KleinPipeline) -> tuple[tuple[int, ...], int]
     return layers, max_length
 
 
+class EngineOptions(TypedDict, total=False):
+    """How a loaded pipeline is made the engine, whatever its weights: ``build_engine``'s keywords
+    that ``create_klein_engine`` passes through (their defaults are ``build_engine``'s)."""
+
+    compile: bool
+    compile_sizes: Sequence[tuple[int, int, int]]
+    compile_regions: Collection[str]
+    max_loras: int
+    lora_max_rank: int
+    attention_backend: str | None
+
+
 def create_klein_engine(
     *,
     model: str,
@@ -96,13 +108,8 @@ def create_klein_engine(
     hf_token: str | None = None,
     cache_dir: str | None = None,
     dtype: torch.dtype | None = None,
-    compile: bool = False,
-    compile_sizes: Sequence[tuple[int, int, int]] = DEFAULT_COMPILE_SIZES,
-    compile_regions: Collection[str] = DEFAULT_COMPILE_REGIONS,
     nunchaku_transformer: str | None = None,
-    max_loras: int = 0,
-    lora_max_rank: int = 64,
-    attention_backend: str | None = None,
+    **options: Unpack[EngineOptions],
 ) -> KleinEngine:
     """Build the engine for ``model`` ("tiny", "klein-4b", "klein-9b") on ``device``.
 
@@ -110,13 +117,13 @@ def create_klein_engine(
     variants load ``model_path`` or their hub id in bf16 (``cache_dir``: the hub cache, e.g.
     ``$HF_HOME/hub``); ``dtype`` overrides that (tests run a saved tiny folder in float32 on CPU).
     ``quantization`` "auto" must be resolved by boot first; every quantization problem is raised
-    before a weight loads. ``compile``, ``compile_regions``: see ``build_engine``; ``compile_sizes``:
-    what the warm-up compiles.
-    ``nunchaku_transformer``: a nunchaku-quantized FLUX.2 transformer folder, for nunchaku-*.
+    before a weight loads. ``nunchaku_transformer``: a nunchaku-quantized FLUX.2 transformer folder,
+    for nunchaku-*. ``options`` go to ``build_engine`` as they are (``EngineOptions``).
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
-    compile_regions_checked(compile_regions)  # a bad name fails before any weight loads
+    # A bad name fails before any weight loads.
+    compile_regions_checked(options.get("compile_regions", DEFAULT_COMPILE_REGIONS))
     if model == "tiny" and quantization == "auto":
         # Random weights have nothing to pick a precision for; "auto" simply means full precision.
         quantization = "none"
@@ -143,17 +150,7 @@ def create_klein_engine(
         )
         name = f"flux2-klein-{model.removeprefix('klein-')}-{_precision_label(quantization, torch_dtype)}"
     return build_engine(
-        pipeline,
-        name=name,
-        device=target,
-        quantization=quantization,
-        compile=compile,
-        capability=capability,
-        max_loras=max_loras,
-        lora_max_rank=lora_max_rank,
-        compile_sizes=compile_sizes,
-        compile_regions=compile_regions,
-        attention_backend=attention_backend,
+        pipeline, name=name, device=target, quantization=quantization, capability=capability, **options
     )
 
 
